@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vmem.cli import main
+
+
+def test_profile_prints_the_table_and_totals(capsys):
+    assert main(["profile", "--model", "resnet18", "--batch", "4", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0.add_" in out and "predicted plain peak" in out and "saved activations" in out
+
+
+def test_profile_json_is_machine_readable(capsys):
+    main(["profile", "--model", "vgg11", "--batch", "2", "--image-size", "32", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "vgg11" and data["input_shape"] == [2, 3, 32, 32]
+    assert data["peak_bytes"] > data["param_bytes"] and data["totals"]["saved_bytes"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "--model", "resnet51"], "unknown model 'resnet51'"),
+    (["profile", "--model", "vgg16", "--batch", "0"], "--batch: '0' is not a positive integer"),
+    (["profile", "--model", "vgg16", "--image-size", "x"], "--image-size: 'x'"),
+    (["profile", "--model", "vgg16", "--image-size", "8"], "cannot run on input"),
+    (["profile", "--model", "vgg16", "--device", "tpu9"], "is not a device"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(argv, message):
+    result = subprocess.run([sys.executable, "-m", "vmem", *argv], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted plain peak" in out and "measured plain peak" in out

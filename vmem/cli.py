@@ -1,0 +1,109 @@
+"""``python -m vmem``: profile a network, or run the demo.
+
+    python -m vmem profile --model resnet50 --batch 256 --image-size 224 [--json]
+    python -m vmem demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import models
+from .config import LOG_LEVELS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _model(text: str) -> str:
+    if text not in models.names():
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; choose one of {', '.join(models.names())}")
+    return text
+
+
+def _dtype(text: str) -> torch.dtype:
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if text not in dtypes:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(dtypes)}")
+    return dtypes[text]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vmem", description="vmem: virtualised GPU memory for CNN training")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    profile = commands.add_parser("profile", help="per-layer profile of a reference model")
+    profile.add_argument("--model", type=_model, required=True, help="e.g. resnet50, vgg16")
+    profile.add_argument("--batch", type=_positive, default=32)
+    profile.add_argument("--image-size", type=_positive, default=224)
+    profile.add_argument("--classes", type=_positive, default=1000)
+    profile.add_argument("--dtype", type=_dtype, default=torch.float32, help="fp32, bf16, fp16")
+    profile.add_argument("--device", default="meta",
+                         help="meta (shape only, the default), cpu or cuda (also timed)")
+    profile.add_argument("--json", action="store_true", help="machine-readable output")
+    demo = commands.add_parser("demo", help="the main job: profile and train under the meter")
+    demo.add_argument("--steps", type=_positive, default=3)
+    return parser
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from .preprocessing import profile_network
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use meta, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here; use meta or cpu")
+    with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+        model = models.get(args.model, num_classes=args.classes)  # no weights on meta
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    try:
+        prof = profile_network(model, shape, device=device, dtype=args.dtype, name=args.model)
+    except RuntimeError as err:  # e.g. an image too small for the network's pooling
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{args.model} cannot run on input {shape}: {first}") from None
+    print(prof.to_json() if args.json else prof.table())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m vmem`` and the ``vmem`` script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    level = os.environ.get("VMEM_LOG", "warning").lower()
+    logging.basicConfig(level=level.upper() if level in LOG_LEVELS else "WARNING",
+                        format="%(message)s")
+    try:
+        if args.command == "profile":
+            return _profile(args)
+        from .demo import run_demo
+
+        return run_demo(steps=args.steps)
+    except ValueError as err:
+        parser.exit(2, f"vmem {args.command}: error: {err}\n")
+    except torch.OutOfMemoryError as err:
+        first = str(err).strip().splitlines()[0]
+        parser.exit(2, f"vmem {args.command}: error: out of device memory: {first}\n")

@@ -1,0 +1,166 @@
+"""The device-memory meter: one interface for current and peak device bytes.
+
+On CUDA it reads PyTorch's caching-allocator statistics. On any other device (the emulated
+device, ``cpu``, and the shape-only ``meta`` device the profiler runs on) it counts the live
+bytes of tensor storage on that device through a dispatch mode, so budget tests run in CI.
+
+Example::
+
+    >>> import torch
+    >>> from vmem.meter import DeviceMeter
+    >>> with DeviceMeter.for_device("cpu") as meter:
+    ...     x = torch.ones(1024)
+    >>> meter.peak
+    4096
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import OutOfBudget
+
+__all__ = ["DeviceMeter", "CudaMeter", "EmulatedMeter"]
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+class DeviceMeter(TorchDispatchMode):
+    """Current and peak device bytes, with an optional hard limit.
+
+    Use as a context manager around the work to measure. With ``limit`` set, the first
+    operation after which the bytes in use (peak included) exceed it raises
+    :class:`vmem.OutOfBudget`, naming the layer that ``where()`` reports (the aten operator
+    when ``where`` is not given or returns None).
+    """
+
+    def __init__(self, device: torch.device, limit: int | None = None,
+                 where: Callable[[], str | None] | None = None) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.limit = limit
+        self.where = where
+
+    @staticmethod
+    def for_device(device: torch.device | str, limit: int | None = None,
+                   where: Callable[[], str | None] | None = None) -> DeviceMeter:
+        """The meter for ``device``: allocator statistics on CUDA, counting elsewhere."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            return CudaMeter(device, limit, where)
+        return EmulatedMeter(device, limit, where)
+
+    @property
+    def current(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def peak(self) -> int:
+        raise NotImplementedError
+
+    def reset_peak(self) -> None:
+        raise NotImplementedError
+
+    def _check_limit(self, func) -> None:
+        if self.limit is not None and self.peak > self.limit:
+            layer = (self.where() if self.where else None) or str(func)
+            raise OutOfBudget(layer, self.peak, self.limit)
+
+
+class CudaMeter(DeviceMeter):
+    """Reads ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` for one device."""
+
+    def __enter__(self) -> CudaMeter:
+        self.reset_peak()
+        return super().__enter__()
+
+    @property
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    @property
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._check_limit(func)
+        return out
+
+
+class EmulatedMeter(DeviceMeter):
+    """Counts live storage bytes on a non-CUDA device.
+
+    A storage counts from the operation that creates it until it is freed (a weakref
+    finalizer); views and in-place results share an input's storage and add nothing.
+    Storages that existed before the meter started count only once passed to :meth:`track`;
+    storages passed to :meth:`exclude` (the host pool's, which stand for pinned host memory on
+    the emulated device) never count.
+    """
+
+    def __init__(self, device: torch.device, limit: int | None = None,
+                 where: Callable[[], str | None] | None = None) -> None:
+        super().__init__(device, limit, where)
+        self._live: dict[int, int] = {}  # storage key -> bytes
+        self._excluded: set[int] = set()
+        self._current = 0
+        self._peak = 0
+
+    @property
+    def current(self) -> int:
+        return self._current
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+    def reset_peak(self) -> None:
+        self._peak = self._current
+
+    def track(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors that existed before the meter started (parameters, state)."""
+        for t in tensors:
+            if t.device == self.device:
+                self._add(t.untyped_storage())
+
+    def exclude(self, tensor: torch.Tensor) -> None:
+        """Never count ``tensor``'s storage (stop counting it if it was counted)."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        self._excluded.add(key)
+        self._release(key)
+        weakref.finalize(storage, self._excluded.discard, key)
+
+    def _add(self, storage: torch.UntypedStorage) -> None:
+        key, nbytes = storage._cdata, storage.nbytes()
+        if key in self._excluded:
+            return
+        if key not in self._live:
+            weakref.finalize(storage, self._release, key)
+        self._current += nbytes - self._live.get(key, 0)  # a resize changes an entry
+        self._live[key] = nbytes
+        self._peak = max(self._peak, self._current)
+
+    def _release(self, key: int) -> None:
+        self._current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if t.device == self.device:
+                storage = t.untyped_storage()
+                if storage._cdata not in inputs or storage._cdata in self._live:
+                    self._add(storage)
+        self._check_limit(func)
+        return out

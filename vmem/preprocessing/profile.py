@@ -1,0 +1,471 @@
+"""The network profile: a model's layers in execution order, with what each costs.
+
+The profiler runs one training step (forward, then backward of ``output.sum()``) under three
+instruments at once and joins what they see per layer:
+
+- module hooks mark where each leaf module starts and ends; an aten operator that runs outside
+  every leaf module (ResNet's residual add, a ``torch.flatten``) is a layer of its own, so no
+  ``nn.Sequential`` structure is assumed;
+- ``saved_tensors_hooks`` see every tensor autograd saves for backward; a storage is counted
+  once, by the first layer that saves it, and parameters and buffers are excluded;
+- a dispatch mode counts FLOPs (:mod:`.flops`), reads the device-memory meter after every
+  operator, and in backward attributes each operator to its layer through the autograd node
+  running it (autograd sequence numbers grow in forward order).
+
+On the ``meta`` device nothing is allocated, so a ResNet-152 at batch 1024 profiles on a
+laptop; the meter's count there is the predicted peak of plain training. On a real device the
+step is also timed per layer (CUDA events, or the host clock on the CPU) over a few
+iterations. The user's model is never modified: the step runs through
+``torch.func.functional_call`` on detached parameters and copied buffers.
+
+Example::
+
+    >>> from vmem import models
+    >>> from vmem.preprocessing import profile_network
+    >>> prof = profile_network(models.resnet18(), (8, 3, 224, 224))  # on "meta"
+    >>> prof.layers[0].name, prof.layers[0].kind
+    ('conv1', 'Conv2d')
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import format_bytes
+from ..meter import DeviceMeter
+from .flops import count_flops
+
+__all__ = ["LayerProfile", "NetworkProfile", "profile_network"]
+
+_NOT_IN_FORWARD = 2**64 - 1  # sequence number of AccumulateGrad and other graph leaves
+
+
+@dataclasses.dataclass
+class LayerProfile:
+    """One layer of the execution order: a leaf module call or a functional operator."""
+
+    index: int
+    name: str  # module path ("layer1.0.conv1"), "#k" for its k-th extra call; or path.op
+    kind: str  # module class ("Conv2d") or aten operator ("add_")
+    module: bool  # a leaf module call (True) or an operator between modules (False)
+    input_shapes: list[list[int]]
+    input_dtypes: list[str]
+    output_shapes: list[list[int]] = dataclasses.field(default_factory=list)
+    output_dtypes: list[str] = dataclasses.field(default_factory=list)
+    saved_bytes: int = 0  # bytes autograd saved here for backward (new storages only)
+    saved_tensors: int = 0  # how many storages those bytes are in
+    param_bytes: int = 0  # parameters of the module (first call only)
+    forward_flops: int = 0
+    backward_flops: int = 0
+    live_bytes: int = 0  # device bytes in use when the layer's forward starts
+    forward_peak: int = 0  # peak device bytes during its forward
+    backward_peak: int = 0  # peak device bytes during its backward
+    forward_ms: float | None = None  # measured on a real device, else None
+    backward_ms: float | None = None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(_numel(s) * torch.empty(0, dtype=getattr(torch, d)).element_size()
+                   for s, d in zip(self.output_shapes, self.output_dtypes))
+
+
+@dataclasses.dataclass
+class NetworkProfile:
+    """A model's layers in execution order and the totals of one plain training step."""
+
+    model: str
+    input_shape: list[int]
+    dtype: str
+    device: str
+    layers: list[LayerProfile]
+    param_bytes: int  # parameters (gradients take as much again)
+    buffer_bytes: int  # BatchNorm running statistics and the like
+    input_bytes: int
+    peak_bytes: int  # device peak of one plain forward+backward: the predicted plain peak
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(layer.saved_bytes for layer in self.layers)
+
+    @property
+    def forward_flops(self) -> int:
+        return sum(layer.forward_flops for layer in self.layers)
+
+    @property
+    def backward_flops(self) -> int:
+        return sum(layer.backward_flops for layer in self.layers)
+
+    @property
+    def timed(self) -> bool:
+        return any(layer.forward_ms is not None for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["totals"] = {"saved_bytes": self.saved_bytes, "forward_flops": self.forward_flops,
+                          "backward_flops": self.backward_flops}
+        return data
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> NetworkProfile:
+        data = json.loads(text)
+        data.pop("totals", None)
+        data["layers"] = [LayerProfile(**layer) for layer in data["layers"]]
+        return cls(**data)
+
+    def table(self) -> str:
+        """A per-layer table and the totals, for people."""
+        head = (f"{'#':>4}  {'layer':<28} {'kind':<18} {'output':<20} {'saved':>11} "
+                f"{'params':>11} {'fwd GF':>8} {'bwd GF':>8}")
+        if self.timed:
+            head += f" {'fwd ms':>8} {'bwd ms':>8}"
+        rows = [head, "-" * len(head)]
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.output_shapes[0])) if layer.output_shapes else "-"
+            row = (f"{layer.index:>4}  {layer.name[-28:]:<28} {layer.kind[:18]:<18} "
+                   f"{shape[:20]:<20} {format_bytes(layer.saved_bytes):>11} "
+                   f"{format_bytes(layer.param_bytes):>11} {layer.forward_flops / 1e9:>8.2f} "
+                   f"{layer.backward_flops / 1e9:>8.2f}")
+            if self.timed:
+                row += f" {layer.forward_ms or 0:>8.3f} {layer.backward_ms or 0:>8.3f}"
+            rows.append(row)
+        shape = "x".join(map(str, self.input_shape))
+        rows += [
+            "",
+            f"model {self.model}, input {shape} {self.dtype}, profiled on {self.device}",
+            f"layers                      {len(self.layers)}",
+            f"parameters                  {format_bytes(self.param_bytes)} "
+            f"(+ as much again for gradients)",
+            f"buffers                     {format_bytes(self.buffer_bytes)}",
+            f"saved activations           {format_bytes(self.saved_bytes)}",
+            f"forward / backward          {self.forward_flops / 1e12:.3f} / "
+            f"{self.backward_flops / 1e12:.3f} TFLOP",
+            f"predicted plain peak        {format_bytes(self.peak_bytes)} ({self.peak_bytes} "
+            "bytes; forward+backward, no optimizer state)",
+        ]
+        if self.timed:
+            fwd = sum(layer.forward_ms or 0 for layer in self.layers)
+            bwd = sum(layer.backward_ms or 0 for layer in self.layers)
+            rows.append(f"measured forward / backward {fwd:.2f} / {bwd:.2f} ms")
+        return "\n".join(rows)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _describe(tree) -> tuple[list[list[int]], list[str]]:
+    tensors = [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+    return [list(t.shape) for t in tensors], [str(t.dtype).removeprefix("torch.") for t in tensors]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _Clock:
+    """Timestamps on the device's timeline: CUDA events, or the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end) -> float:
+        if not self.cuda:
+            return (end - start) * 1e3
+        return start.elapsed_time(end)
+
+
+class _Recorder(TorchDispatchMode):
+    """Joins module hooks, saved-tensor hooks and the dispatch stream into layers."""
+
+    def __init__(self, meter: DeviceMeter, clock: _Clock | None, resident: set[int]) -> None:
+        super().__init__()
+        self.meter, self.clock, self.resident = meter, clock, resident
+        self.layers: list[LayerProfile] = []
+        self.seq_starts: list[int] = []  # first autograd sequence number of each layer
+        self.seq_end = _NOT_IN_FORWARD
+        self.param_layer: dict[int, int] = {}  # parameter storage -> first layer using it
+        self.saved: set[int] = set()  # storages already saved (each counts once)
+        self.pending: list[int] = []  # bytes of saves not yet attributed (see the note)
+        self.last_outputs: set[int] = set()  # storages the last functional operator made
+        self.calls: Counter[str] = Counter()
+        self.scope = [""]  # qualified names of the modules running
+        self.in_leaf = False
+        self.backward = False
+        self.open: int | None = None  # the layer whose forward or backward is running
+        self.opened_at = None
+        self.peak = 0
+        self.spans: list[tuple] = []  # (layer, in backward, start mark, end mark)
+
+    # -- layer boundaries -------------------------------------------------------------
+    def start_layer(self, name: str, kind: str, module: bool, inputs) -> LayerProfile:
+        if module:
+            self._settle_pending(self.open)
+        self.last_outputs = set()
+        self.switch_to(len(self.layers))
+        self.calls[name] += 1
+        if self.calls[name] > 1:
+            name = f"{name}#{self.calls[name] - 1}"
+        shapes, dtypes = _describe(inputs)
+        layer = LayerProfile(len(self.layers), name, kind, module, shapes, dtypes,
+                             live_bytes=self.meter.current)
+        self.layers.append(layer)
+        self.seq_starts.append(torch._C._autograd._get_sequence_nr())
+        self._settle_pending(layer.index)  # a functional operator's input saves
+        return layer
+
+    def switch_to(self, index: int | None) -> None:
+        """Close the open layer's forward or backward span and open ``index``'s."""
+        if index == self.open:
+            return
+        now = self.clock.mark() if self.clock else None
+        if self.open is not None:
+            layer = self.layers[self.open]
+            if self.clock:
+                self.spans.append((self.open, self.backward, self.opened_at, now))
+            if self.backward:
+                layer.backward_peak = max(layer.backward_peak, self.meter.peak)
+            else:
+                layer.forward_peak = max(layer.forward_peak, self.meter.peak)
+        self.meter.reset_peak()
+        self.open, self.opened_at = index, now
+
+    def end_forward(self) -> None:
+        self._settle_pending(self.open)
+        self.switch_to(None)
+        self.seq_end = torch._C._autograd._get_sequence_nr()
+
+    # -- module hooks -----------------------------------------------------------------
+    def hook(self, model: nn.Module) -> list:
+        handles = []
+        for name, module in model.named_modules():
+            leaf = next(module.children(), None) is None
+            pre, post = (self._leaf_pre, self._leaf_post) if leaf else (self._push, self._pop)
+            handles.append(module.register_forward_pre_hook(pre(name, module)))
+            handles.append(module.register_forward_hook(post))
+        return handles
+
+    def _leaf_pre(self, name: str, module: nn.Module):
+        def pre(mod, args):
+            layer = self.start_layer(name, type(mod).__name__, True, args)
+            for p in mod.parameters(recurse=False):
+                key = _storage_key(p)
+                if key not in self.param_layer:
+                    self.param_layer[key] = layer.index
+                    layer.param_bytes += p.untyped_storage().nbytes()
+            self.in_leaf = True
+        return pre
+
+    def _leaf_post(self, mod, args, out) -> None:
+        self.layers[-1].output_shapes, self.layers[-1].output_dtypes = _describe(out)
+        self.in_leaf = False
+
+    def _push(self, name: str, module: nn.Module):
+        def pre(mod, args):
+            self.scope.append(name)
+        return pre
+
+    def _pop(self, mod, args, out) -> None:
+        self.scope.pop()
+
+    # -- saved tensors ----------------------------------------------------------------
+    # Note: [Whose save is it]
+    # Autograd saves an operator's inputs *before* the operator reaches the dispatch mode and
+    # its outputs after. Inside a leaf module either way the save is the module's. Between
+    # modules, a save of the last operator's output is that operator's; any other save waits
+    # ("pending") for the next boundary: a functional operator starting takes it, a leaf
+    # module starting or the forward ending gives it to the layer still open.
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key in self.resident or key in self.saved or self.backward:
+            return t
+        self.saved.add(key)
+        if self.in_leaf or key in self.last_outputs:
+            self._attribute(self.open, t.untyped_storage().nbytes())
+        else:
+            self.pending.append(t.untyped_storage().nbytes())
+        return t
+
+    def _attribute(self, index: int | None, nbytes: int) -> None:
+        if index is not None:
+            self.layers[index].saved_bytes += nbytes
+            self.layers[index].saved_tensors += 1
+
+    def _settle_pending(self, index: int | None) -> None:
+        for nbytes in self.pending:
+            self._attribute(index, nbytes)
+        self.pending.clear()
+
+    # -- every operator ---------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.backward:
+            self.switch_to(self._layer_of_backward_op())
+        elif not self.in_leaf and self.seq_end == _NOT_IN_FORWARD:
+            scope, op = self.scope[-1], func._overloadpacket.__name__
+            self.start_layer(f"{scope}.{op}" if scope else op, op, False, (args, kwargs))
+        out = func(*args, **kwargs)
+        self.peak = max(self.peak, self.meter.peak)
+        if self.open is None:
+            return out
+        layer = self.layers[self.open]
+        flops = count_flops(func, args, kwargs, out)
+        if self.backward:
+            layer.backward_flops += flops
+        else:
+            layer.forward_flops += flops
+            if not self.in_leaf:
+                layer.output_shapes, layer.output_dtypes = _describe(out)
+                self.last_outputs = {_storage_key(t) for t in tree_flatten(out)[0]
+                                     if isinstance(t, torch.Tensor)}
+        return out
+
+    def _layer_of_backward_op(self) -> int | None:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return None
+        seq = node._sequence_nr()
+        if seq == _NOT_IN_FORWARD:  # AccumulateGrad: the layer that owns the parameter
+            variable = getattr(node, "variable", None)
+            return None if variable is None else self.param_layer.get(_storage_key(variable))
+        if seq >= self.seq_end:
+            return None
+        return bisect.bisect_right(self.seq_starts, seq) - 1
+
+    def times(self) -> tuple[dict[int, float], dict[int, float]]:
+        """Forward and backward milliseconds per layer, once the device has finished."""
+        if self.clock and self.clock.cuda:
+            torch.cuda.synchronize()
+        forward: dict[int, float] = {}
+        backward: dict[int, float] = {}
+        for index, in_backward, start, end in self.spans:
+            times = backward if in_backward else forward
+            times[index] = times.get(index, 0.0) + self.clock.elapsed_ms(start, end)
+        return forward, backward
+
+
+def _step(model: nn.Module, tensors: dict[str, torch.Tensor], x: torch.Tensor,
+          recorder: _Recorder) -> None:
+    """One plain training step (forward, backward of ``output.sum()``) under the recorder."""
+    handles = recorder.hook(model)
+    try:
+        with recorder.meter, recorder, torch.autograd.graph.saved_tensors_hooks(
+                recorder.pack, lambda t: t):
+            out = torch.func.functional_call(model, tensors, (x,))
+            recorder.end_forward()
+            loss = sum(t.float().sum() for t in tree_flatten(out)[0]
+                       if isinstance(t, torch.Tensor) and t.requires_grad)
+            del out
+            recorder.backward = True
+            loss.backward()
+            recorder.switch_to(None)
+            del loss
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def profile_network(model: nn.Module, input_shape: Sequence[int], *,
+                    device: torch.device | str = "meta", dtype: torch.dtype = torch.float32,
+                    iterations: int = 3, name: str | None = None) -> NetworkProfile:
+    """Profile one plain training step of ``model`` on an input of ``input_shape``.
+
+    Args:
+        model: any ``nn.Module`` taking one tensor; it is not modified.
+        input_shape: the input's shape, e.g. ``(256, 3, 224, 224)``.
+        device: ``"meta"`` (the default) for a shape-only profile that allocates nothing;
+            a real device (``"cuda"``, ``"cpu"``) also measures per-layer times.
+        dtype: the input's and the parameters' floating-point type.
+        iterations: timed steps on a real device, after one warm-up step; per-layer times are
+            the median.
+        name: what the profile calls the model (the class name by default).
+
+    Example::
+
+        >>> from vmem import models
+        >>> prof = profile_network(models.vgg16(), (64, 3, 224, 224))
+        >>> prof.peak_bytes > prof.param_bytes * 2
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
+        raise ValueError(f"input_shape={tuple(input_shape)} must be positive sizes, "
+                         "e.g. (32, 3, 224, 224)")
+    device = torch.device(device)
+    timed = device.type != "meta"
+    steps = 1 + max(1, iterations) if timed else 1
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    forward_ms: list[dict[int, float]] = []
+    backward_ms: list[dict[int, float]] = []
+    for _ in range(steps):
+        tensors = _device_copies(params, buffers, device, dtype)
+        x = torch.randn(tuple(input_shape), device=device, dtype=dtype)
+        meter = DeviceMeter.for_device(device)
+        if hasattr(meter, "track"):
+            meter.track([*tensors.values(), x])
+        resident = {_storage_key(t) for t in tensors.values()}
+        recorder = _Recorder(meter, _Clock(device) if timed else None, resident)
+        _step(model, tensors, x, recorder)
+        if timed:
+            fwd, bwd = recorder.times()
+            forward_ms.append(fwd)
+            backward_ms.append(bwd)
+    layers = recorder.layers
+    if timed:
+        for layer in layers:  # the first step warmed up
+            layer.forward_ms = statistics.median(t.get(layer.index, 0.0) for t in forward_ms[1:])
+            layer.backward_ms = statistics.median(t.get(layer.index, 0.0)
+                                                  for t in backward_ms[1:])
+    return NetworkProfile(
+        model=name or type(model).__name__,
+        input_shape=[int(s) for s in input_shape],
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        layers=layers,
+        param_bytes=sum(_nbytes(p, dtype) for p in params.values()),
+        buffer_bytes=sum(_nbytes(b, dtype) for b in buffers.values()),
+        input_bytes=x.numel() * x.element_size(),
+        peak_bytes=recorder.peak,
+    )
+
+
+def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+    size = torch.empty(0, dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
+    return t.numel() * size
+
+
+def _device_copies(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                   device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Stand-ins for the model's tensors on ``device``; the model's own are left alone."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        kind = dtype if t.is_floating_point() else t.dtype
+        return torch.empty(t.shape, dtype=kind, device=device) if device.type == "meta" else \
+            t.detach().to(device=device, dtype=kind, copy=True)
+    tensors = {k: copy(p).requires_grad_(p.requires_grad) for k, p in params.items()}
+    tensors.update({k: copy(b) for k, b in buffers.items()})
+    return tensors
