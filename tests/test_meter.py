@@ -67,8 +67,8 @@ def test_backward_allocations_are_counted():
 def test_limit_raises_out_of_budget_naming_the_layer_and_bytes():
     with pytest.raises(OutOfBudget) as info:
         with DeviceMeter.for_device("cpu", limit=10_000, where=lambda: "features.3"):
-            a = torch.empty(1000)
-            b = torch.empty(2000)  # noqa: F841 (4000 + 8000 bytes live: over the limit)
+            live = [torch.empty(1000), torch.empty(2000)]  # 4000 + 8000 bytes: over the limit
+        del live
     err = info.value
     assert err.layer == "features.3" and err.limit == 10_000 and err.used == 12_000
     assert "features.3" in str(err) and "12000 bytes" in str(err)

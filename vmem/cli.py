@@ -74,7 +74,8 @@ def _profile(args: argparse.Namespace) -> int:
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device; use meta, cpu or cuda")
+        raise ValueError(f"--device {args.device!r} is not a device; use meta, cpu or cuda"
+                         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here; use meta or cpu")
     with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():

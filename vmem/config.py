@@ -30,7 +30,7 @@ def parse_size(value: int | float | str, name: str) -> int | float:
 
     Example::
 
-        >>> parse_size("8GiB", "budget"), parse_size("8000MB", "budget"), parse_size("0.5", "budget")
+        >>> parse_size("8GiB", "budget"), parse_size("8000MB", "b"), parse_size("0.5", "b")
         (8589934592, 8000000000, 0.5)
     """
     hint = "use a size, e.g. '8GiB' or '8000MB', bytes (8589934592), or a fraction like '0.5'"
@@ -61,7 +61,8 @@ def parse_size(value: int | float | str, name: str) -> int | float:
 
 def _choice(value: str, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}; e.g. {choices[0]!r}")
+        raise ValueError(
+            f"{name}={value!r} is not one of {', '.join(choices)}; e.g. {choices[0]!r}")
     return value
 
 

@@ -1,8 +1,12 @@
 import pytest
 import torch
 
-from vmem.preprocessing.hardware import (EMULATED_DEFAULTS, detect_hardware, emulated_spec,
-                                         pcie_bandwidth)
+from vmem.preprocessing.hardware import (
+    EMULATED_DEFAULTS,
+    detect_hardware,
+    emulated_spec,
+    pcie_bandwidth,
+)
 
 
 def test_emulated_spec_defaults():

@@ -74,11 +74,6 @@ class LayerProfile:
     forward_ms: float | None = None  # measured on a real device, else None
     backward_ms: float | None = None
 
-    @property
-    def output_bytes(self) -> int:
-        return sum(_numel(s) * torch.empty(0, dtype=getattr(torch, d)).element_size()
-                   for s, d in zip(self.output_shapes, self.output_dtypes))
-
 
 @dataclasses.dataclass
 class NetworkProfile:
@@ -161,13 +156,6 @@ class NetworkProfile:
             bwd = sum(layer.backward_ms or 0 for layer in self.layers)
             rows.append(f"measured forward / backward {fwd:.2f} / {bwd:.2f} ms")
         return "\n".join(rows)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _describe(tree) -> tuple[list[list[int]], list[str]]:
