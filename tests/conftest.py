@@ -11,3 +11,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+# Regenerates a fixture where torchvision imports; not a test module.
+collect_ignore = ["models/make_torchvision_reference.py"]

@@ -27,6 +27,7 @@ def test_import_does_not_initialise_cuda():
 def test_public_api():
     import vmem
 
-    assert set(vmem.__all__) == {"Config", "BudgetTooSmall", "OutOfBudget", "models"}
+    assert set(vmem.__all__) == {"session", "Config", "Plan", "BudgetTooSmall", "OutOfBudget",
+                                 "models"}
     for name in vmem.__all__:
         assert getattr(vmem, name) is not None

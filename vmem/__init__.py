@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from . import models
 from .config import Config
+from .control import Plan
 from .errors import BudgetTooSmall, OutOfBudget
+from .session import session
 
-__all__ = ["Config", "BudgetTooSmall", "OutOfBudget", "models"]
+__all__ = ["session", "Config", "Plan", "BudgetTooSmall", "OutOfBudget", "models"]
 __version__ = "0.1.0"

@@ -87,7 +87,7 @@ class Config:
 
         >>> cfg = Config.from_env(device_budget="8GiB", env={})
         >>> cfg.device_budget, cfg.policy
-        (8589934592, 'auto')
+        (8589934592, None)
     """
 
     # Device budget: bytes (int), a fraction of device memory (float in (0, 1]), or None for
@@ -96,9 +96,10 @@ class Config:
     # Cap on the pinned host pool: bytes, a fraction of host memory, or None for no cap.
     # VMEM_HOST_BUDGET.
     host_budget: int | float | None = None
-    # Which tensors to offload: auto (the planner), none, vdnn_all (every layer input),
-    # vdnn_conv (convolution inputs only). VMEM_POLICY.
-    policy: str = "auto"
+    # Which saved tensors to offload: auto (the planner), none, vdnn_all (every saved
+    # activation), vdnn_conv (convolution inputs only); None: auto when there is a budget,
+    # otherwise vmem changes nothing. VMEM_POLICY.
+    policy: str | None = None
     # How many segments ahead of backward to prefetch; None lets the planner choose.
     # VMEM_PREFETCH_DEPTH.
     prefetch_depth: int | None = None
@@ -122,7 +123,7 @@ class Config:
     def __post_init__(self) -> None:
         self._check("device_budget", lambda v, n: parse_size(v, n), optional=True)
         self._check("host_budget", lambda v, n: parse_size(v, n), optional=True)
-        self._check("policy", lambda v, n: _choice(v, n, POLICIES))
+        self._check("policy", lambda v, n: _choice(v, n, POLICIES), optional=True)
         self._check("prefetch_depth", _positive_int, optional=True)
         self._check("backend", lambda v, n: _choice(v, n, BACKENDS))
         self._check("log", lambda v, n: _choice(str(v).lower(), n, LOG_LEVELS))

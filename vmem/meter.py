@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -115,6 +116,7 @@ class EmulatedMeter(DeviceMeter):
         self._excluded: set[int] = set()
         self._current = 0
         self._peak = 0
+        self._paused = False
 
     @property
     def current(self) -> int:
@@ -126,6 +128,15 @@ class EmulatedMeter(DeviceMeter):
 
     def reset_peak(self) -> None:
         self._peak = self._current
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Count nothing new inside (vmem's own bookkeeping tensors, e.g. while planning)."""
+        self._paused, was = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = was
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count tensors that existed before the meter started (parameters, state)."""
@@ -156,6 +167,8 @@ class EmulatedMeter(DeviceMeter):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
         for t in _tensors(out):
             if t.device == self.device:

@@ -30,10 +30,12 @@ Example::
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import json
 import statistics
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 
@@ -43,12 +45,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import format_bytes
-from ..meter import DeviceMeter
+from ..meter import DeviceMeter, EmulatedMeter
 from .flops import count_flops
 
-__all__ = ["LayerProfile", "NetworkProfile", "profile_network"]
+__all__ = ["LayerProfile", "MemoryTimeline", "NetworkProfile", "SavedStorage",
+           "profile_network"]
 
 _NOT_IN_FORWARD = 2**64 - 1  # sequence number of AccumulateGrad and other graph leaves
+_NEVER = 2**62  # an operator index after every operator
 
 
 @dataclasses.dataclass
@@ -76,6 +80,36 @@ class LayerProfile:
 
 
 @dataclasses.dataclass
+class SavedStorage:
+    """One storage autograd saved for backward (parameters and buffers excluded).
+
+    Times are operator indices of the plain step's timeline: a storage "is there" during
+    operator ``t`` when ``start <= t < end`` of an interval.
+    """
+
+    nbytes: int
+    layers: list[int]  # the layers that saved it, in forward order
+    saved_at: int  # operator during which it was first saved
+    released_at: int  # first operator without it once its saves leave the device
+    needed_at: int  # first operator after its first unpack in backward
+    freed_at: int  # first operator without it in plain training (after its last use)
+
+
+@dataclasses.dataclass
+class MemoryTimeline:
+    """Device memory of one plain training step, operator by operator, and its saves."""
+
+    memory: list[int]  # peak device bytes during each operator
+    layer: list[int]  # the layer each operator belongs to (-1: none, e.g. the loss)
+    backward_from: int  # index of the first backward operator
+    saves: list[SavedStorage]  # in the order of their first save
+
+    def __post_init__(self) -> None:
+        self.saves = [s if isinstance(s, SavedStorage) else SavedStorage(**s)
+                      for s in self.saves]
+
+
+@dataclasses.dataclass
 class NetworkProfile:
     """A model's layers in execution order and the totals of one plain training step."""
 
@@ -88,6 +122,11 @@ class NetworkProfile:
     buffer_bytes: int  # BatchNorm running statistics and the like
     input_bytes: int
     peak_bytes: int  # device peak of one plain forward+backward: the predicted plain peak
+    timeline: MemoryTimeline  # shape-only (meta) memory of that step, for the planner
+
+    def __post_init__(self) -> None:
+        if isinstance(self.timeline, dict):
+            self.timeline = MemoryTimeline(**self.timeline)
 
     @property
     def saved_bytes(self) -> int:
@@ -196,17 +235,24 @@ class _Recorder(TorchDispatchMode):
         self.seq_starts: list[int] = []  # first autograd sequence number of each layer
         self.seq_end = _NOT_IN_FORWARD
         self.param_layer: dict[int, int] = {}  # parameter storage -> first layer using it
-        self.saved: set[int] = set()  # storages already saved (each counts once)
-        self.pending: list[int] = []  # bytes of saves not yet attributed (see the note)
+        self.saves: dict[int, SavedStorage] = {}  # storage -> its record (alive ones only)
+        self.save_order: list[SavedStorage] = []
+        self.pending: list[int] = []  # storages of saves not yet attributed (see the note)
         self.last_outputs: set[int] = set()  # storages the last functional operator made
         self.calls: Counter[str] = Counter()
         self.scope = [""]  # qualified names of the modules running
         self.in_leaf = False
         self.backward = False
+        self.backward_from = 0
         self.open: int | None = None  # the layer whose forward or backward is running
         self.opened_at = None
-        self.peak = 0
+        self.memory: list[int] = []  # peak device bytes during each operator
+        self.op_layer: list[int] = []
         self.spans: list[tuple] = []  # (layer, in backward, start mark, end mark)
+
+    @property
+    def now(self) -> int:
+        return len(self.memory)  # index of the next operator
 
     # -- layer boundaries -------------------------------------------------------------
     def start_layer(self, name: str, kind: str, module: bool, inputs) -> LayerProfile:
@@ -226,25 +272,24 @@ class _Recorder(TorchDispatchMode):
         return layer
 
     def switch_to(self, index: int | None) -> None:
-        """Close the open layer's forward or backward span and open ``index``'s."""
+        """Close the open layer's forward or backward time span and open ``index``'s."""
         if index == self.open:
             return
         now = self.clock.mark() if self.clock else None
-        if self.open is not None:
-            layer = self.layers[self.open]
-            if self.clock:
-                self.spans.append((self.open, self.backward, self.opened_at, now))
-            if self.backward:
-                layer.backward_peak = max(layer.backward_peak, self.meter.peak)
-            else:
-                layer.forward_peak = max(layer.forward_peak, self.meter.peak)
-        self.meter.reset_peak()
+        if self.open is not None and self.clock:
+            self.spans.append((self.open, self.backward, self.opened_at, now))
         self.open, self.opened_at = index, now
 
     def end_forward(self) -> None:
         self._settle_pending(self.open)
         self.switch_to(None)
         self.seq_end = torch._C._autograd._get_sequence_nr()
+
+    def start_backward(self) -> None:
+        self.backward, self.backward_from = True, self.now
+
+    def end_backward(self) -> None:
+        self.switch_to(None)
 
     # -- module hooks -----------------------------------------------------------------
     def hook(self, model: nn.Module) -> list:
@@ -287,24 +332,42 @@ class _Recorder(TorchDispatchMode):
     # ("pending") for the next boundary: a functional operator starting takes it, a leaf
     # module starting or the forward ending gives it to the layer still open.
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key in self.resident or key in self.saved or self.backward:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.resident or self.backward:
             return t
-        self.saved.add(key)
+        if key not in self.saves:
+            record = SavedStorage(storage.nbytes(), [], self.now, _NEVER, _NEVER, _NEVER)
+            self.saves[key] = record
+            self.save_order.append(record)
+            weakref.finalize(storage, self._freed, key)
         if self.in_leaf or key in self.last_outputs:
-            self._attribute(self.open, t.untyped_storage().nbytes())
+            self._attribute(self.open, key)
         else:
-            self.pending.append(t.untyped_storage().nbytes())
+            self.pending.append(key)
         return t
 
-    def _attribute(self, index: int | None, nbytes: int) -> None:
-        if index is not None:
-            self.layers[index].saved_bytes += nbytes
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        record = self.saves.get(_storage_key(t))
+        if record is not None:
+            record.needed_at = min(record.needed_at, self.now)
+        return t
+
+    def _freed(self, key: int) -> None:
+        self.saves.pop(key).freed_at = self.now
+
+    def _attribute(self, index: int | None, key: int) -> None:
+        record = self.saves[key]
+        if index is None or index in record.layers:
+            return
+        if not record.layers:  # its bytes count once, for the first layer saving it
+            self.layers[index].saved_bytes += record.nbytes
             self.layers[index].saved_tensors += 1
+        record.layers.append(index)
 
     def _settle_pending(self, index: int | None) -> None:
-        for nbytes in self.pending:
-            self._attribute(index, nbytes)
+        for key in self.pending:
+            self._attribute(index, key)
         self.pending.clear()
 
     # -- every operator ---------------------------------------------------------------
@@ -315,16 +378,20 @@ class _Recorder(TorchDispatchMode):
         elif not self.in_leaf and self.seq_end == _NOT_IN_FORWARD:
             scope, op = self.scope[-1], func._overloadpacket.__name__
             self.start_layer(f"{scope}.{op}" if scope else op, op, False, (args, kwargs))
+        self.meter.reset_peak()
         out = func(*args, **kwargs)
-        self.peak = max(self.peak, self.meter.peak)
+        self.memory.append(self.meter.peak)
+        self.op_layer.append(-1 if self.open is None else self.open)
         if self.open is None:
             return out
         layer = self.layers[self.open]
         flops = count_flops(func, args, kwargs, out)
         if self.backward:
             layer.backward_flops += flops
+            layer.backward_peak = max(layer.backward_peak, self.memory[-1])
         else:
             layer.forward_flops += flops
+            layer.forward_peak = max(layer.forward_peak, self.memory[-1])
             if not self.in_leaf:
                 layer.output_shapes, layer.output_dtypes = _describe(out)
                 self.last_outputs = {_storage_key(t) for t in tree_flatten(out)[0]
@@ -354,22 +421,83 @@ class _Recorder(TorchDispatchMode):
             times[index] = times.get(index, 0.0) + self.clock.elapsed_ms(start, end)
         return forward, backward
 
+    def timeline(self) -> MemoryTimeline:
+        return MemoryTimeline(self.memory, self.op_layer, self.backward_from, self.save_order)
+
+
+class _Releaser(TorchDispatchMode):
+    """A second shape-only step whose saves leave the device: when does each storage go?
+
+    Every save is packed as its shape alone, so a storage is freed as soon as the forward
+    code drops it; the operator index of that moment is the storage's ``released_at``, the
+    start of the interval an offload saves. Saves are recognised by the order of first save,
+    which is the plain step's order.
+    """
+
+    def __init__(self, resident: set[int], saves: list[SavedStorage]) -> None:
+        super().__init__()
+        self.resident, self.saves = resident, saves
+        self.seen: dict[int, int] = {}  # alive storage -> index into saves
+        self.count = 0  # distinct storages saved so far
+        self.ops = 0
+        self.forward_done = False
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.resident:
+            return t
+        if key not in self.seen:
+            self.seen[key] = self.count
+            weakref.finalize(storage, self._released, key, self.count)
+            self.count += 1
+        return (storage.nbytes(), t.dtype, t.storage_offset(), t.shape, t.stride())
+
+    def _released(self, key: int, index: int) -> None:
+        self.seen.pop(key, None)
+        if index < len(self.saves) and not self.forward_done:
+            self.saves[index].released_at = self.ops
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        nbytes, dtype, offset, shape, stride = packed
+        storage = torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
+        return torch.empty(0, dtype=dtype, device="meta").set_(storage, offset, shape, stride)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+    def hook(self, model: nn.Module) -> list:
+        return []
+
+    def end_forward(self) -> None:
+        self.forward_done = True  # later releases are backward's own, in plain training too
+
+    def start_backward(self) -> None:
+        pass
+
+    def end_backward(self) -> None:
+        pass
+
 
 def _step(model: nn.Module, tensors: dict[str, torch.Tensor], x: torch.Tensor,
-          recorder: _Recorder) -> None:
-    """One plain training step (forward, backward of ``output.sum()``) under the recorder."""
+          recorder: _Recorder | _Releaser, meter: DeviceMeter | None = None) -> None:
+    """One plain training step (forward, backward of ``output.sum()``) under ``recorder``."""
     handles = recorder.hook(model)
     try:
-        with recorder.meter, recorder, torch.autograd.graph.saved_tensors_hooks(
-                recorder.pack, lambda t: t):
+        with meter or contextlib.nullcontext(), recorder, \
+                torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
             out = torch.func.functional_call(model, tensors, (x,))
             recorder.end_forward()
             loss = sum(t.float().sum() for t in tree_flatten(out)[0]
                        if isinstance(t, torch.Tensor) and t.requires_grad)
             del out
-            recorder.backward = True
+            recorder.start_backward()
             loss.backward()
-            recorder.switch_to(None)
+            recorder.end_backward()
             del loss
     finally:
         for handle in handles:
@@ -404,42 +532,57 @@ def profile_network(model: nn.Module, input_shape: Sequence[int], *,
         raise ValueError(f"input_shape={tuple(input_shape)} must be positive sizes, "
                          "e.g. (32, 3, 224, 224)")
     device = torch.device(device)
-    timed = device.type != "meta"
-    steps = 1 + max(1, iterations) if timed else 1
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    forward_ms: list[dict[int, float]] = []
-    backward_ms: list[dict[int, float]] = []
-    for _ in range(steps):
-        tensors = _device_copies(params, buffers, device, dtype)
-        x = torch.randn(tuple(input_shape), device=device, dtype=dtype)
-        meter = DeviceMeter.for_device(device)
-        if hasattr(meter, "track"):
-            meter.track([*tensors.values(), x])
-        resident = {_storage_key(t) for t in tensors.values()}
-        recorder = _Recorder(meter, _Clock(device) if timed else None, resident)
-        _step(model, tensors, x, recorder)
-        if timed:
-            fwd, bwd = recorder.times()
-            forward_ms.append(fwd)
-            backward_ms.append(bwd)
-    layers = recorder.layers
-    if timed:
-        for layer in layers:  # the first step warmed up
-            layer.forward_ms = statistics.median(t.get(layer.index, 0.0) for t in forward_ms[1:])
-            layer.backward_ms = statistics.median(t.get(layer.index, 0.0)
-                                                  for t in backward_ms[1:])
+    shape = tuple(int(n) for n in input_shape)
+    recorder, _ = _run(model, params, buffers, shape, torch.device("meta"), dtype, timed=False)
+    saves = recorder.save_order
+    tensors = _device_copies(params, buffers, torch.device("meta"), dtype)
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    _step(model, tensors, x, _Releaser({_storage_key(t) for t in tensors.values()}, saves))
+    layers, peak = recorder.layers, max(recorder.memory, default=0)
+    if device.type != "meta":
+        steps = [_run(model, params, buffers, shape, device, dtype, timed=True)
+                 for _ in range(1 + max(1, iterations))]
+        layers = steps[-1][0].layers  # what the device saved and allocated
+        forward_ms = [fwd for _, (fwd, _) in steps[1:]]  # the first step warmed up
+        backward_ms = [bwd for _, (_, bwd) in steps[1:]]
+        for layer in layers:
+            layer.forward_ms = statistics.median(t.get(layer.index, 0.0) for t in forward_ms)
+            layer.backward_ms = statistics.median(t.get(layer.index, 0.0) for t in backward_ms)
     return NetworkProfile(
         model=name or type(model).__name__,
-        input_shape=[int(s) for s in input_shape],
+        input_shape=list(shape),
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         layers=layers,
         param_bytes=sum(_nbytes(p, dtype) for p in params.values()),
         buffer_bytes=sum(_nbytes(b, dtype) for b in buffers.values()),
-        input_bytes=x.numel() * x.element_size(),
-        peak_bytes=recorder.peak,
+        input_bytes=_numel(shape) * torch.empty(0, dtype=dtype).element_size(),
+        peak_bytes=peak,
+        timeline=recorder.timeline(),
     )
+
+
+def _run(model: nn.Module, params: dict, buffers: dict, shape: tuple[int, ...],
+         device: torch.device, dtype: torch.dtype, timed: bool):
+    """One recorded step on ``device``; returns the recorder and, if timed, the times."""
+    tensors = _device_copies(params, buffers, device, dtype)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    meter = DeviceMeter.for_device(device)
+    if isinstance(meter, EmulatedMeter):
+        meter.track([*tensors.values(), x])
+    resident = {_storage_key(t) for t in tensors.values()}
+    recorder = _Recorder(meter, _Clock(device) if timed else None, resident)
+    _step(model, tensors, x, recorder, meter)
+    return recorder, recorder.times() if timed else None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
 
 
 def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:

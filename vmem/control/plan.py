@@ -1,0 +1,102 @@
+"""The plan: what the feed-forward module does with each saved tensor, and what it predicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from ..errors import format_bytes
+
+__all__ = ["Plan", "SaveDecision", "SegmentPlan", "KEEP", "OFFLOAD"]
+
+KEEP, OFFLOAD = "keep", "offload"
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveDecision:
+    """One tracked saved storage, in the order the forward first saves it."""
+
+    nbytes: int
+    layer: str  # the layer that saved it first
+    segment: int  # the segment whose backward needs it first
+    action: str  # KEEP or OFFLOAD
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentPlan:
+    index: int
+    first_layer: str  # the segment's convolution (or the network's first layer)
+    layers: int
+    memmax_plain: int  # peak device bytes while its forward or backward runs, nothing offloaded
+    memmax: int  # the same under this plan
+    offloaded_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to offload and how far ahead to prefetch, with the predicted peak.
+
+    Example::
+
+        >>> plan = Plan("none", None, None, 0, 1, 2**14, [], [], 100, 100, 0, 0)
+        >>> Plan.from_json(plan.to_json()) == plan
+        True
+    """
+
+    policy: str  # the policy that made it: auto, none, vdnn_all, vdnn_conv
+    budget: int | None  # bytes; None: no budget
+    target: int | None  # budget minus headroom: the predicted peak stays at or below it
+    headroom: int  # bytes kept free for what the model cannot see (allocator, workspaces)
+    prefetch_distance: int  # segments ahead of backward (mmCNN's Convolutional Part Number)
+    min_bytes: int  # saves smaller than this always stay on the device
+    saves: list[SaveDecision]
+    segments: list[SegmentPlan]
+    predicted_peak: int  # bytes, the whole step (forward, backward, optimizer step)
+    plain_peak: int  # the same with nothing offloaded
+    staging_bytes: int  # most bytes fetched back and not yet freed (the staging pool)
+    resident_bytes: int  # optimizer state added to the profile's curve
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "saves", [s if isinstance(s, SaveDecision)
+                                           else SaveDecision(**s) for s in self.saves])
+        object.__setattr__(self, "segments", [s if isinstance(s, SegmentPlan)
+                                              else SegmentPlan(**s) for s in self.segments])
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(s.nbytes for s in self.saves if s.action == OFFLOAD)
+
+    @property
+    def offloaded(self) -> int:
+        return sum(1 for s in self.saves if s.action == OFFLOAD)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(dataclasses.asdict(self), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls(**json.loads(text))
+
+    def table(self) -> str:
+        """Per segment Memmax before and after, and the totals, for people."""
+        head = (f"{'seg':>4}  {'first layer':<26} {'layers':>6} {'Memmax plain':>13} "
+                f"{'Memmax':>11} {'offloaded':>11}")
+        rows = [head, "-" * len(head)]
+        for seg in self.segments:
+            rows.append(f"{seg.index:>4}  {seg.first_layer[-26:]:<26} {seg.layers:>6} "
+                        f"{format_bytes(seg.memmax_plain):>13} {format_bytes(seg.memmax):>11} "
+                        f"{format_bytes(seg.offloaded_bytes):>11}")
+        budget = "none" if self.budget is None else \
+            f"{format_bytes(self.budget)} (target {format_bytes(self.target)}, headroom " \
+            f"{format_bytes(self.headroom)})"
+        rows += [
+            "",
+            f"policy {self.policy}, budget {budget}, prefetch distance "
+            f"{self.prefetch_distance} segment(s)",
+            f"offloaded {self.offloaded} of {len(self.saves)} saved tensors: "
+            f"{format_bytes(self.offloaded_bytes)} per step",
+            f"predicted peak {format_bytes(self.predicted_peak)} ({self.predicted_peak} bytes) "
+            f"against plain {format_bytes(self.plain_peak)}; staging "
+            f"{format_bytes(self.staging_bytes)}",
+        ]
+        return "\n".join(rows)

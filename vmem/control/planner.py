@@ -1,0 +1,160 @@
+"""The planner: keep or offload each saved tensor, and the prefetch distance, under a budget.
+
+Policies:
+
+- ``none``: keep everything (the plan still predicts the peak, and checks the budget);
+- ``vdnn_all``: offload every tracked saved activation (vDNN's "all");
+- ``vdnn_conv``: offload only what convolutions save, their inputs (vDNN's "conv");
+- ``auto``: offload as little as keeps the predicted peak within the budget, taking first the
+  tensors whose transfers hide best behind compute: those saved in segments with the most
+  FLOPs per byte, the last segment's (whose prefetch nothing can hide) last, and none whose
+  offload frees nothing (the forward code still holds them).
+
+``auto`` is a greedy prefix on that order: offloading more never raises the predicted curve
+(:mod:`.memory`), so the shortest sufficient prefix is found by bisection, and a smaller
+budget never offloads less nor predicts a higher peak. The prefetch distance is then the
+largest (up to ``MAX_DISTANCE``) that still fits: prefetching earlier hides more of each copy
+but holds more bytes. When even the policy's most offloading plan does not fit,
+:class:`vmem.BudgetTooSmall` names the smallest budget that would and the layer at its peak.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import BudgetTooSmall
+from ..preprocessing.optimizer import OptimizerProfile
+from ..preprocessing.profile import NetworkProfile
+from .memory import MemoryModel
+from .plan import KEEP, OFFLOAD, Plan, SaveDecision, SegmentPlan
+from .segments import CONV_KINDS, segment_of_layers
+
+__all__ = ["make_plan", "headroom_for", "MAX_DISTANCE", "MIN_BYTES"]
+
+MAX_DISTANCE = 4  # segments
+MIN_BYTES = 16 * 2**10  # smaller saves stay: not worth a transfer
+
+
+def headroom_for(device_type: str) -> tuple[float, int]:
+    """(fraction of the budget, bytes) kept free beyond the model's prediction.
+
+    On CUDA: 5% and 256 MiB, for the caching allocator's rounding and cuDNN's workspaces,
+    which the shape-only profile cannot see. On the emulated device the prediction counts
+    what the meter counts, so 2% suffices.
+    """
+    return (0.05, 256 * 2**20) if device_type == "cuda" else (0.02, 0)
+
+
+def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
+              prefetch_distance: int | None = None, optimizer: OptimizerProfile | None = None,
+              headroom: tuple[float, int] = (0.02, 0), min_bytes: int = MIN_BYTES) -> Plan:
+    """Plan one training step of ``profile`` within ``budget`` bytes.
+
+    Example::
+
+        >>> from vmem import models
+        >>> from vmem.preprocessing import profile_network
+        >>> prof = profile_network(models.resnet18(), (8, 3, 64, 64))
+        >>> plan = make_plan(prof, budget=100 * 2**20, policy="auto")  # plain: 100.0 MiB
+        >>> plan.predicted_peak <= plan.target < prof.peak_bytes
+        True
+    """
+    layer_segment = segment_of_layers(profile.layers)
+    state = optimizer.state_bytes if optimizer else 0
+    model = MemoryModel(profile, layer_segment, min_bytes, extra_bytes=state)
+    step_peak = 0
+    if optimizer:  # the step also sees the buffers and the input batch
+        step_peak = optimizer.step_peak + profile.buffer_bytes + profile.input_bytes
+    fraction, fixed = headroom
+    target = None if budget is None else int(budget * (1 - fraction)) - fixed
+
+    def peak(offloaded: list[int], distance: int) -> int:
+        return max(int(model.curve(offloaded, distance).max()), step_peak)
+
+    def too_small(offloaded: list[int], distance: int) -> BudgetTooSmall:
+        need = peak(offloaded, distance)
+        curve = model.curve(offloaded, distance)
+        op = int(curve.argmax())
+        layer_index = profile.timeline.layer[op]
+        layer = "optimizer.step" if step_peak >= int(curve.max()) else \
+            profile.layers[layer_index].name if layer_index >= 0 else "the loss"
+        return BudgetTooSmall(budget, math.ceil((need + fixed) / (1 - fraction)), layer)
+
+    order = _candidates(profile, model, policy)
+    if policy == "auto":
+        offloaded = [] if target is None else _shortest_prefix(order, target, peak)
+        if offloaded is None:
+            raise too_small(order, prefetch_distance or 1)
+        distance = prefetch_distance or _widest_distance(offloaded, target, peak)
+    else:
+        offloaded, distance = order, prefetch_distance or 1
+    if target is not None and peak(offloaded, distance) > target:
+        raise too_small(offloaded, distance)
+    return _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
+                     offloaded, distance, min_bytes, state, peak)
+
+
+def _candidates(profile: NetworkProfile, model: MemoryModel, policy: str) -> list[int]:
+    """The saves a policy may offload, best first."""
+    if policy == "none":
+        return []
+    everything = list(range(len(model.saves)))
+    if policy == "vdnn_all":
+        return everything
+    if policy == "vdnn_conv":
+        return [i for i in everything
+                if any(profile.layers[k].kind in CONV_KINDS for k in model.saves[i].layers)]
+    flops = [0] * model.segments  # forward + backward FLOPs per segment
+    for layer, segment in zip(profile.layers, model.layer_segment, strict=True):
+        flops[segment] += layer.forward_flops + layer.backward_flops
+    last = model.segments - 1
+    useful = [i for i in everything
+              if model.saves[i].released_at < model.prefetch_at(model.segment[i], 1)]
+    return sorted(useful, key=lambda i: (model.segment[i] == last,
+                                         -flops[model.segment[i]] / model.saves[i].nbytes, i))
+
+
+def _shortest_prefix(order: list[int], target: int, peak) -> list[int] | None:
+    """The shortest prefix of ``order`` whose peak (at distance 1) fits ``target``."""
+    if peak(order, 1) > target:
+        return None
+    low, high = 0, len(order)  # peak(order[:high]) fits
+    while low < high:
+        middle = (low + high) // 2
+        if peak(order[:middle], 1) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return order[:high]
+
+
+def _widest_distance(offloaded: list[int], target: int | None, peak) -> int:
+    if not offloaded:
+        return 1
+    distance = 1
+    while distance < MAX_DISTANCE and (target is None or peak(offloaded, distance + 1) <= target):
+        distance += 1
+    return distance
+
+
+def _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
+              offloaded, distance, min_bytes, state, peak) -> Plan:
+    chosen = set(offloaded)
+    saves = [SaveDecision(s.nbytes, profile.layers[s.layers[0]].name, model.segment[i],
+                          OFFLOAD if i in chosen else KEEP) for i, s in enumerate(model.saves)]
+    plain = model.memmax(model.curve([], distance))
+    planned = model.memmax(model.curve(offloaded, distance))
+    segments = []
+    for index in range(model.segments):
+        members = [k for k, seg in enumerate(layer_segment) if seg == index]
+        segments.append(SegmentPlan(
+            index=index, first_layer=profile.layers[members[0]].name, layers=len(members),
+            memmax_plain=plain[index], memmax=planned[index],
+            offloaded_bytes=sum(d.nbytes for d in saves
+                                if d.segment == index and d.action == OFFLOAD)))
+    headroom = 0 if budget is None else budget - target
+    return Plan(policy=policy, budget=budget, target=target, headroom=headroom,
+                prefetch_distance=distance, min_bytes=min_bytes, saves=saves,
+                segments=segments, predicted_peak=peak(offloaded, distance),
+                plain_peak=peak([], distance),
+                staging_bytes=model.staging_bytes(offloaded, distance), resident_bytes=state)

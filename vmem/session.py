@@ -1,0 +1,305 @@
+"""``vmem.session``: train an unchanged model within a device-memory budget.
+
+The session plans on the first forward (or up front from ``sample``) and again whenever the
+input's shape changes; each forward then runs under the plan's saved-tensor hooks. On exit,
+normal or by exception, it leaves the model and the process as it found them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .config import Config, parse_size
+from .control import Plan, make_plan
+from .control.planner import headroom_for
+from .errors import format_bytes
+from .feedforward import HostPool, OffloadExecutor, StagingPool
+from .meter import CudaMeter, DeviceMeter, EmulatedMeter
+from .preprocessing import profile_network
+from .preprocessing.hardware import detect_hardware
+from .preprocessing.optimizer import profile_optimizer
+from .transfer import make_backend
+
+__all__ = ["Session", "session"]
+
+log = logging.getLogger("vmem")
+
+
+def session(model: nn.Module, *, budget: int | float | str | None = None,
+            policy: str | None = None, optimizer: torch.optim.Optimizer | None = None,
+            sample: torch.Tensor | None = None, **config) -> Session:
+    """Train ``model`` within a device-memory budget; use as a context manager.
+
+    Args:
+        model: the ``nn.Module`` to train, on its device (``cuda``, or ``cpu`` for the
+            emulated device). It is not modified; hooks live only inside the ``with``.
+        budget: bytes, a size (``"8GiB"``) or a fraction of device memory (``0.5``);
+            default ``VMEM_DEVICE_BUDGET``. With neither a budget nor a policy the session
+            changes nothing.
+        policy: ``auto`` (default with a budget), ``none``, ``vdnn_all`` or ``vdnn_conv``;
+            default ``VMEM_POLICY``.
+        optimizer: counted in the budget (its state and its step's peak) when given.
+        sample: an input batch to plan from before the first forward.
+        **config: any other :class:`vmem.Config` field (``host_budget``, ``prefetch_depth``,
+            ``backend``, ``report``, ``log``).
+
+    Raises:
+        vmem.BudgetTooSmall: no plan fits; raised before the first step runs.
+
+    Example::
+
+        >>> import torch, vmem
+        >>> model = vmem.models.resnet18(num_classes=10)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        >>> with vmem.session(model, optimizer=opt, budget="200MB") as s:
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...     opt.step(); opt.zero_grad()
+        >>> s.measured_peak <= 200 * 10**6
+        True
+    """
+    return Session(model, budget=budget, policy=policy, optimizer=optimizer, sample=sample,
+                   **config)
+
+
+class Session:
+    """The state of one ``with vmem.session(...)`` block; see :func:`session`."""
+
+    def __init__(self, model: nn.Module, *, budget=None, policy=None, optimizer=None,
+                 sample=None, **config) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"vmem.session needs a torch.nn.Module, got "
+                            f"{type(model).__name__}; pass the model itself")
+        self.model, self.optimizer, self.sample = model, optimizer, sample
+        self.config = Config.from_env(device_budget=budget, policy=policy, **config)
+        self.active = self.config.device_budget is not None or self.config.policy is not None
+        self.policy = self.config.policy or "auto"
+        self.device = _device_of(model)
+        self.plan: Plan | None = None
+        self.budget: int | None = None
+        self.steps = 0
+        self.measured_peak: int | None = None
+        self.executor: OffloadExecutor | None = None
+        self._handles: list = []
+        self._saved_hooks = None
+        self._planned_for = None
+        self._planning = False
+        self._old_fraction: float | None = None
+        self.meter: DeviceMeter | None = None
+
+    # -- entering and leaving ---------------------------------------------------------
+    def __enter__(self) -> Session:
+        if not self.active:
+            return self
+        if self.device.type == "meta":
+            raise ValueError("vmem.session needs a model on a real device (cuda, or cpu for "
+                             "the emulated device), not on meta")
+        logging.getLogger("vmem").setLevel(self.config.log.upper())
+        spec = detect_hardware(self.device)
+        self.budget = self.config.resolve_budget(spec.total_memory)
+        self.backend = make_backend(self.config.backend, self.device)
+        try:
+            self._start_meter()
+            self.host_pool = HostPool(self._host_buffer, _host_limit(self.config.host_budget))
+            self.staging = StagingPool()
+            self._handles = [
+                self.model.register_forward_pre_hook(self._before_forward),
+                self.model.register_forward_hook(self._after_forward, always_call=True),
+            ]
+            if self.sample is not None:
+                self._prepare(self.sample)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.active:
+            self._restore()
+            if self.config.report:
+                with open(self.config.report, "w") as f:
+                    json.dump(self.report_dict(), f, indent=1)
+        return False  # the user's exception, if any, propagates unchanged
+
+    def _start_meter(self) -> None:
+        self.meter = DeviceMeter.for_device(self.device, self.budget,
+                                            lambda: f"near {self.executor.layer}"
+                                            if self.executor else None)
+        if isinstance(self.meter, CudaMeter):
+            self.meter.reset_peak()
+            if self.budget is not None:
+                self._old_fraction = _memory_fraction(self.device)
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(self.budget / total, self.device)
+            return
+        self.meter.__enter__()
+        self.meter.track(_held_tensors(self.model, self.optimizer))
+
+    def _restore(self) -> None:
+        """Undo everything: hooks, saved-tensor hooks, streams, pools, fraction, meter."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._exit_saved_hooks()
+        if self.executor is not None:
+            self.executor.synchronize()
+        if getattr(self, "host_pool", None) is not None:
+            self.host_pool.release()
+        if self.meter is not None:
+            self.measured_peak = self.meter.peak
+            if isinstance(self.meter, EmulatedMeter):
+                self.meter.__exit__(None, None, None)
+        if self._old_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self._old_fraction, self.device)
+            self._old_fraction = None
+
+    # -- every forward ----------------------------------------------------------------
+    def _before_forward(self, module: nn.Module, args) -> None:
+        if self._planning or not torch.is_grad_enabled():
+            return
+        inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        if not inputs:
+            return
+        if isinstance(self.meter, EmulatedMeter):
+            self.meter.track(inputs)
+        self._prepare(inputs[0])
+        self.executor.resident = _resident_keys(self.model)
+        self.executor.start_forward()
+        self.steps += 1
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self.executor.pack,
+                                                                     self.executor.unpack)
+        self._saved_hooks.__enter__()
+
+    def _after_forward(self, module: nn.Module, args, output) -> None:
+        self._exit_saved_hooks()
+
+    def _exit_saved_hooks(self) -> None:
+        if self._saved_hooks is not None:
+            self._saved_hooks.__exit__(None, None, None)
+            self._saved_hooks = None
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        """Plan for inputs shaped like ``x`` unless the current plan already is."""
+        key = (tuple(x.shape), x.dtype)
+        if key == self._planned_for:
+            return
+        paused = self.meter.paused() if isinstance(self.meter, EmulatedMeter) else _nothing()
+        self._planning = True
+        try:
+            with paused:
+                profile = profile_network(self.model, key[0], dtype=x.dtype,
+                                          name=type(self.model).__name__)
+                optimizer = profile_optimizer(self.optimizer) if self.optimizer else None
+                plan = make_plan(profile, budget=self.budget, policy=self.policy,
+                                 prefetch_distance=self.config.prefetch_depth,
+                                 optimizer=optimizer, headroom=headroom_for(self.device.type))
+        finally:
+            self._planning = False
+        if self.executor is not None:
+            self.executor.synchronize()
+        self.plan, self._planned_for = plan, key
+        self.staging.stats.capacity = None
+        self.executor = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
+                                        self.staging, _resident_keys(self.model))
+        log.info("vmem: planned for input %s:\n%s", list(key[0]), plan.table())
+
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        if not isinstance(self.meter, EmulatedMeter):
+            return self.backend.host_buffer(nbytes)
+        with self.meter.paused():  # host memory, though on the emulated device it is cpu too
+            buffer = self.backend.host_buffer(nbytes)
+        self.meter.exclude(buffer)
+        return buffer
+
+    # -- what happened ----------------------------------------------------------------
+    @property
+    def peak(self) -> int | None:
+        """Device bytes at the peak so far (measured)."""
+        if self.measured_peak is not None:
+            return self.measured_peak
+        return None if self.meter is None else self.meter.peak
+
+    def report_dict(self) -> dict:
+        data = {"policy": self.policy, "device": str(self.device), "budget": self.budget,
+                "steps": self.steps, "measured_peak": self.peak}
+        if self.plan is not None:
+            data["plan"] = json.loads(self.plan.to_json())
+            data["predicted_peak"] = self.plan.predicted_peak
+            data["host_pool"] = dataclasses.asdict(self.host_pool.stats)
+            data["staging"] = dataclasses.asdict(self.staging.stats)
+            data["offloaded_bytes"] = self.executor.offloaded_bytes
+            data["prefetched_bytes"] = self.executor.prefetched_bytes
+            data["reused_bytes"] = self.executor.reused_bytes
+        return data
+
+    def report(self) -> str:
+        """The plan, predicted against measured peak, and pool statistics, for people."""
+        if not self.active:
+            return "vmem session: no budget and no policy, nothing changed"
+        if self.plan is None:
+            return "vmem session: no forward pass ran, nothing planned"
+        host, staging = self.host_pool.stats, self.staging.stats
+        measured = self.peak or 0
+        error = (self.plan.predicted_peak - measured) / measured * 100 if measured else 0.0
+        return "\n".join([
+            f"vmem session on {self.device}, {self.steps} step(s)",
+            self.plan.table(),
+            f"measured peak {format_bytes(measured)} ({measured} bytes); predicted "
+            f"{error:+.1f}% against it",
+            f"host pool: {format_bytes(host.capacity)} arena, peak in use "
+            f"{format_bytes(host.peak_in_use)}, {host.arena_allocations} arena and "
+            f"{host.overflow_allocations} extra allocation(s), {host.slices} slices",
+            f"staging: peak {format_bytes(staging.peak_in_use)}, {staging.prefetched} "
+            f"prefetched ahead, {staging.on_demand} on demand",
+            f"transfers: {format_bytes(self.executor.offloaded_bytes)} offloaded, "
+            f"{format_bytes(self.executor.prefetched_bytes)} fetched back, "
+            f"{format_bytes(self.executor.reused_bytes)} still on the device when needed",
+        ])
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device
+    return torch.device("cpu")
+
+
+def _resident_keys(model: nn.Module) -> set[int]:
+    return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+
+
+def _held_tensors(model: nn.Module, optimizer) -> Iterable[torch.Tensor]:
+    """What is on the device before the first step: parameters, gradients, buffers, state."""
+    yield from model.parameters()
+    yield from model.buffers()
+    yield from (p.grad for p in model.parameters() if p.grad is not None)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            yield from (t for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _memory_fraction(device: torch.device) -> float:
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return getter(device) if getter else 1.0
+
+
+def _host_limit(host_budget: int | float | None) -> int | None:
+    if host_budget is None or isinstance(host_budget, int):
+        return host_budget
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(parse_size(host_budget, "host_budget") * total)
