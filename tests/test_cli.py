@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -35,7 +36,9 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_demo_runs(capsys):
+def test_demo_trains_within_half_the_plain_peak(capsys):
     assert main(["demo", "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "predicted plain peak" in out and "measured plain peak" in out
+    assert "budget: half of that" in out and "Memmax" in out and "measured peak" in out
+    assert re.search(r"within the budget [\d.]+ MiB: True", out)
+    assert "weights bit-identical to plain: True" in out

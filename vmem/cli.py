@@ -64,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="meta (shape only, the default), cpu or cuda (also timed)")
     profile.add_argument("--json", action="store_true", help="machine-readable output")
     demo = commands.add_parser("demo", help="the main job: profile and train under the meter")
-    demo.add_argument("--steps", type=_positive, default=3)
+    demo.add_argument("--steps", type=_positive, default=4)
     return parser
 
 

@@ -1,12 +1,16 @@
-"""The demo (the README's main job): what vmem sees of this machine and of a network.
+"""The demo (the README's main job): train under half the plain peak, against plain PyTorch.
 
-On a GPU it profiles ResNet-50 at batch 64, 224x224, trains it for a few steps on synthetic
-data and compares the profile's predicted peak with the measured one; without a GPU it does the
-same on the emulated device with a ResNet-18 at batch 8, 64x64.
+On a GPU it trains ResNet-50 at batch 128, 224x224; without one, He et al.'s CIFAR
+ResNet-20 at batch 128, 32x32, on the emulated device. Both runs use the same seeds and
+synthetic data: plain PyTorch first (its measured peak sets the budget: half of it), then
+``vmem.session`` with the ``auto`` policy. It prints the plan, the predicted and measured
+peaks, the speed of both, and whether the final weights are bit-identical.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 
 import torch
@@ -14,62 +18,69 @@ from torch import nn
 
 from . import models
 from .errors import format_bytes
-from .meter import DeviceMeter
-from .preprocessing import profile_network
+from .meter import DeviceMeter, EmulatedMeter
 from .preprocessing.hardware import detect_hardware
+from .session import session
 
 
-def run_demo(steps: int = 3) -> int:
+def run_demo(steps: int = 4) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    name, batch, size, classes = ("resnet50", 64, 224, 1000) if cuda else ("resnet18", 8, 64, 10)
-    spec = detect_hardware(device)
-    print(f"device: {spec.summary()}" + ("" if cuda else " [emulated: no CUDA device here]"))
-
+    name, shape, classes = ("resnet50", (128, 3, 224, 224), 1000) if cuda else \
+        ("resnet20", (128, 3, 32, 32), 10)
+    print(f"device: {detect_hardware(device).summary()}" +
+          ("" if cuda else " [emulated: no CUDA device here]"))
+    torch.manual_seed(0)
     model = models.get(name, num_classes=classes).to(device)
-    shape = (batch, 3, size, size)
-    prof = profile_network(model, shape, name=name)  # shape-only, on meta
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    state_bytes = prof.param_bytes  # SGD momentum: one buffer per parameter
-    predicted = prof.peak_bytes + state_bytes
-    print(f"\n{name}, input {'x'.join(map(str, shape))}: {len(prof.layers)} layers, "
-          f"parameters {format_bytes(prof.param_bytes)}, saved activations "
-          f"{format_bytes(prof.saved_bytes)}, forward {prof.forward_flops / 1e9:.1f} GFLOP")
-    print(f"predicted plain peak: {format_bytes(predicted)} (profile "
-          f"{format_bytes(prof.peak_bytes)} + SGD momentum {format_bytes(state_bytes)})")
+    print(f"model: {name}, batch {shape[0]}, {shape[2]}x{shape[3]}, SGD with momentum, "
+          f"{steps} steps\n")
 
-    measured, seconds = _train(model, optimizer, shape, classes, device, steps)
-    error = (measured - predicted) / predicted * 100
-    print(f"measured plain peak:  {format_bytes(measured)} over steps 2-{max(steps, 2)} "
-          f"({error:+.1f}% against predicted), {seconds * 1e3:.0f} ms/step, "
-          f"{batch / seconds:.1f} images/s")
-    print("\nA budgeted run (vmem.session offloading to host memory) plans from this profile.")
+    plain_model = copy.deepcopy(model)
+    with DeviceMeter.for_device(device) as meter:
+        if isinstance(meter, EmulatedMeter):
+            meter.track([*plain_model.parameters(), *plain_model.buffers()])
+        plain_seconds = _train(plain_model, shape, classes, device, steps,
+                               contextlib.nullcontext())
+    plain_peak = meter.peak
+    budget = plain_peak // 2
+    print(f"plain PyTorch: peak {format_bytes(plain_peak)}, {plain_seconds * 1e3:.0f} ms/step")
+    print(f"budget: half of that, {format_bytes(budget)}\n")
+
+    vmem_model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(vmem_model.parameters(), lr=0.01, momentum=0.9)
+    budgeted = session(vmem_model, optimizer=optimizer, budget=budget)
+    seconds = _train(vmem_model, shape, classes, device, steps, budgeted, optimizer)
+    print(budgeted.report())
+    same = all(torch.equal(a, b) for a, b in zip(plain_model.state_dict().values(),
+                                                  vmem_model.state_dict().values(),
+                                                  strict=True))
+    print(f"\nvmem: peak {format_bytes(budgeted.peak)} within the budget "
+          f"{format_bytes(budget)}: {budgeted.peak <= budget}; {seconds * 1e3:.0f} ms/step, "
+          f"{plain_seconds / seconds:.2f}x plain's speed; weights bit-identical to plain: "
+          f"{same}")
     return 0
 
 
-def _train(model: nn.Module, optimizer: torch.optim.Optimizer, shape: tuple[int, ...],
-           classes: int, device: torch.device, steps: int) -> tuple[int, float]:
-    """Plain training on synthetic data; the peak and time of the steps after the first."""
-    x = torch.randn(shape, device=device)
-    y = torch.randint(0, classes, (shape[0],), device=device)
+def _train(model: nn.Module, shape: tuple[int, ...], classes: int, device: torch.device,
+           steps: int, context, optimizer: torch.optim.Optimizer | None = None) -> float:
+    """SGD-with-momentum steps on seeded synthetic data; seconds per step after the first."""
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    data = torch.Generator(device=device).manual_seed(1)
     loss_fn = nn.CrossEntropyLoss()
+    with context:
+        for step in range(steps):
+            if step == 1:
+                _synchronize(device)
+                start = time.perf_counter()
+            x = torch.randn(shape, device=device, generator=data)
+            y = torch.randint(0, classes, (shape[0],), device=device, generator=data)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+    return (time.perf_counter() - start) / max(steps - 1, 1)
 
-    def step() -> None:
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    with DeviceMeter.for_device(device) as meter:
-        if hasattr(meter, "track"):
-            meter.track([*model.parameters(), *model.buffers(), x, y])
-        step()  # the first step allocates the optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        meter.reset_peak()
-        start = time.perf_counter()
-        for _ in range(max(steps - 1, 1)):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / max(steps - 1, 1)
-    return meter.peak, seconds
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -206,7 +206,7 @@ class Session:
         if self.executor is not None:
             self.executor.synchronize()
         self.plan, self._planned_for = plan, key
-        self.staging.stats.capacity = None
+        self.staging.stats.capacity = plan.staging_bytes  # the plan sized the staging pool
         self.executor = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
                                         self.staging, _resident_keys(self.model))
         log.info("vmem: planned for input %s:\n%s", list(key[0]), plan.table())

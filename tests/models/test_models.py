@@ -23,7 +23,11 @@ def test_published_parameter_counts(name, count):
     assert sum(p.numel() for p in _meta(name).parameters()) == count
 
 
-@pytest.mark.parametrize("name", models.names())
+def test_every_torchvision_model_is_here():
+    assert set(REFERENCE["models"]) == set(models.names()) - {"resnet20"}
+
+
+@pytest.mark.parametrize("name", REFERENCE["models"])
 def test_state_dict_keys_and_shapes_match_torchvision(name):
     expected = REFERENCE["models"][name]["state_dict"]
     state = {k: list(v.shape) for k, v in _meta(name).state_dict().items()}
@@ -45,7 +49,14 @@ def test_same_initialisation_and_outputs_as_torchvision(name):
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11", "vgg11_bn"])
+def test_resnet20_is_he_et_al_cifar_resnet():
+    model = models.resnet20()
+    assert sum(p.numel() for p in model.parameters()) == 272_474  # 0.27 M in the paper
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 19 + 2  # 6n+1 with n=3, plus two 1x1 shortcut convolutions
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20", "resnet50", "vgg11", "vgg11_bn"])
 def test_forward_and_backward_on_small_images(name):
     model = models.get(name, num_classes=7)
     out = model(torch.randn(2, 3, 32, 32))

@@ -50,7 +50,7 @@ class HostPool:
     def reserve(self, nbytes: int) -> None:
         """Make the arena hold at least ``nbytes`` (one step's offloads) when next empty."""
         nbytes = min(_aligned(nbytes), self.limit or nbytes)
-        if nbytes > self.stats.capacity and self.live == 0:
+        if (self.arena is None or nbytes > self.stats.capacity) and self.live == 0 and nbytes:
             self.arena = None  # let the old arena go before pinning the new one
             self.arena = self.allocate(nbytes)
             self.offset = 0
@@ -61,7 +61,7 @@ class HostPool:
         """A host slice of ``nbytes`` and the function that gives it back; None when the host
         budget is spent."""
         size = _aligned(nbytes)
-        if self.arena is not None and self.offset + size <= self.stats.capacity:
+        if self.arena is not None and self.offset + size <= self.arena.numel():
             start, self.offset = self.offset, self.offset + size
             self.live += 1
             self._count(size, 1)
@@ -91,7 +91,6 @@ class HostPool:
     def release(self) -> None:
         """Drop the arena (slices still referenced stay valid until they are freed)."""
         self.arena = None
-        self.stats.capacity = 0
 
 
 @dataclasses.dataclass

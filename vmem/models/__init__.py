@@ -1,5 +1,8 @@
 """Reference networks with torchvision's architectures and state_dict keys.
 
+``resnet20`` is the exception: He et al.'s small ResNet for 32x32 images, which torchvision
+does not have; vmem trains it on the emulated device.
+
 torchvision does not import against every torch build (the CPU build on our development
 machines among them), so vmem ships its own ResNet and VGG definitions; they are drop-ins:
 a torchvision checkpoint loads with ``load_state_dict`` unchanged.
@@ -18,16 +21,25 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from .resnet import (
+    CifarResNet,
+    ResNet,
+    resnet18,
+    resnet20,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+)
 from .vgg import VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19, vgg19_bn
 
-__all__ = ["ResNet", "VGG", "get", "names", "resnet18", "resnet34", "resnet50", "resnet101",
-           "resnet152", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
-           "vgg19_bn"]
+__all__ = ["CifarResNet", "ResNet", "VGG", "get", "names", "resnet18", "resnet20", "resnet34",
+           "resnet50", "resnet101", "resnet152", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16",
+           "vgg16_bn", "vgg19", "vgg19_bn"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     f.__name__: f
-    for f in (resnet18, resnet34, resnet50, resnet101, resnet152, vgg11, vgg11_bn, vgg13,
+    for f in (resnet18, resnet20, resnet34, resnet50, resnet101, resnet152, vgg11, vgg11_bn, vgg13,
               vgg13_bn, vgg16, vgg16_bn, vgg19, vgg19_bn)
 }
 

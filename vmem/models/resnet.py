@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50",
-           "resnet101", "resnet152"]
+__all__ = ["ResNet", "CifarResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet20",
+           "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -129,3 +129,40 @@ def resnet101(num_classes: int = 1000) -> ResNet:
 
 def resnet152(num_classes: int = 1000) -> ResNet:
     return ResNet(Bottleneck, [3, 8, 36, 3], num_classes)
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s ResNet for 32x32 images (section 4.2): three stages of 16, 32 and 64
+    channels, 6n+2 layers; shortcuts that change shape use a 1x1 convolution (option B).
+    Small in parameters and large in activations, like ImageNet training at scale, so it is
+    what vmem trains on the emulated device."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        stages, inplanes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(blocks_per_stage):
+                down = None
+                if i == 0 and (stride != 1 or inplanes != planes):
+                    down = nn.Sequential(_conv1x1(inplanes, planes, stride),
+                                         nn.BatchNorm2d(planes))
+                blocks.append(BasicBlock(inplanes, planes, stride if i == 0 else 1, down))
+                inplanes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 3, 32, 32)
+        x = self.relu(self.bn1(self.conv1(x)))  # (N, 16, 32, 32)
+        x = self.layer3(self.layer2(self.layer1(x)))  # (N, 64, 8, 8)
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # (N, num_classes)
+
+
+def resnet20(num_classes: int = 10) -> CifarResNet:
+    """The CIFAR ResNet-20 (not a torchvision model): 0.27 M parameters."""
+    return CifarResNet(3, num_classes)

@@ -1,0 +1,88 @@
+"""On a real GPU: exactness with copy streams, and a race test that delays the streams."""
+
+import pytest
+import torch
+from nets import NETS, SHAPE, build
+from torch import nn
+
+import vmem
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def deterministic_kernels():
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+def _train(name, steps=3, sleep=0, slow_prefetch=0, **session):
+    model = build(name).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = torch.Generator(device="cuda").manual_seed(1)
+    handles = []
+    if sleep:  # delay the compute stream before every layer: a missing wait reads stale bytes
+        handles = [m.register_forward_pre_hook(lambda *_: torch.cuda._sleep(sleep))
+                   for m in model.modules() if next(m.children(), None) is None]
+    grads = []
+    with vmem.session(model, optimizer=opt, **session) as s:
+        if slow_prefetch and s.active:
+            _slow_down_prefetch(s, slow_prefetch)
+        for _ in range(steps):
+            x = torch.randn(SHAPE, device="cuda", generator=data)
+            y = torch.randint(0, 10, (SHAPE[0],), device="cuda", generator=data)
+            nn.functional.cross_entropy(model(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad()
+    for handle in handles:
+        handle.remove()
+    torch.cuda.synchronize()
+    return s, grads, model
+
+
+def _slow_down_prefetch(s, cycles):
+    """Queue a sleep on the prefetch stream before every copy back."""
+    backend = s.backend
+    prefetch = backend.prefetch
+
+    def slow(src, after):
+        with torch.cuda.stream(backend.prefetch_stream):
+            torch.cuda._sleep(cycles)
+        return prefetch(src, after)
+
+    backend.prefetch = slow
+
+
+@pytest.mark.parametrize("policy", ["vdnn_all", "vdnn_conv", "auto"])
+@pytest.mark.parametrize("name", list(NETS))
+def test_bit_identical_on_cuda(name, policy):
+    _, plain, _ = _train(name)
+    s, got, _ = _train(name, policy=policy)
+    assert s.executor.offloaded_bytes > 0 or policy == "auto"
+    for want, have in zip(plain, got, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(want, have, strict=True))
+
+
+def test_race_delayed_streams_twenty_times():
+    _, plain, _ = _train("resnet")
+    for _ in range(20):
+        s, got, _ = _train("resnet", sleep=200_000, slow_prefetch=2_000_000, policy="vdnn_all")
+        assert s.executor.prefetched_bytes > 0
+        for want, have in zip(plain, got, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(want, have, strict=True))
+
+
+def test_peak_within_budget_and_fraction_restored():
+    before = torch.cuda.get_per_process_memory_fraction(0) \
+        if hasattr(torch.cuda, "get_per_process_memory_fraction") else None
+    model = vmem.models.resnet18(num_classes=10).cuda()
+    x = torch.randn(64, 3, 128, 128, device="cuda")
+    budget = 2 * 2**30
+    with vmem.session(model, budget=budget, policy="vdnn_all", sample=x) as s:
+        model(x).sum().backward()
+    assert s.peak <= budget
+    if before is not None:
+        assert torch.cuda.get_per_process_memory_fraction(0) == before
