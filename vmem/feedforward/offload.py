@@ -33,7 +33,7 @@ class _Stored:
     """One offloaded storage: its host copy, and its device copy while fetched back."""
 
     __slots__ = ("nbytes", "segment", "host", "offloaded", "original", "device", "fetched",
-                 "packs", "unpacks", "backend", "give_back")
+                 "consumed", "packs", "unpacks", "backend", "give_back")
 
     def __init__(self, nbytes: int, segment: int, host: torch.Tensor, give_back,
                  backend: TransferBackend, source: torch.Tensor) -> None:
@@ -43,12 +43,16 @@ class _Stored:
         self.original = weakref.ref(source.untyped_storage())  # alive while forward holds it
         self.device: torch.Tensor | None = None
         self.fetched = None  # event of the latest copy back
+        self.consumed = True  # the compute stream has waited for that copy
         self.packs = 0
         self.unpacks = 0
 
     def __del__(self) -> None:
-        # The graph holding it is gone: give the host slice back once no copy reads it.
-        self.backend.wait(self.fetched)
+        # The graph holding it is gone: give the host slice back. The next step's offload
+        # into it waits for the compute stream, which waited for every consumed copy back;
+        # only a copy back that nothing consumed must finish first.
+        if not self.consumed:
+            self.backend.wait(self.fetched)
         self.give_back()
 
 
@@ -99,7 +103,7 @@ class OffloadExecutor:
     def pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.resident:
+        if key in self.resident or t.device != self.device:
             return t
         entry = self.alive.get(key)
         if entry is None:
@@ -158,6 +162,7 @@ class OffloadExecutor:
         if stored.device is None:
             self._fetch(stored, ahead=False)
         self.backend.consume(stored.device, stored.fetched)
+        stored.consumed = True
         t = torch.empty(0, dtype=packed.dtype, device=self.device).set_(
             stored.device.untyped_storage(), packed.offset, packed.shape, packed.stride)
         stored.unpacks += 1
@@ -182,6 +187,7 @@ class OffloadExecutor:
             self.reused_bytes += stored.nbytes
             return
         stored.device, stored.fetched = self.backend.prefetch(stored.host, stored.offloaded)
+        stored.consumed = False
         self.staging.track(stored.device, ahead)
         self.prefetched_bytes += stored.nbytes
 

@@ -125,7 +125,10 @@ def _cuda_spec(index: int) -> HardwareSpec:
                  props.name)
         nvml = {"pcie_generation": None, "pcie_width": None}
     cache = _cache_path(str(getattr(props, "uuid", index)))
-    measured = _load_cached(cache) or _measure(index, cache)
+    measured = _load_cached(cache)
+    if measured is None:
+        measured = _measure(index, cache)
+        torch.cuda.empty_cache()  # leave no cached blocks behind to count against a budget
     return HardwareSpec(name=props.name, emulated=False, total_memory=total, free_memory=free,
                         link_bandwidth=pcie_bandwidth(nvml["pcie_generation"], nvml["pcie_width"]),
                         **nvml, **measured)
