@@ -1,0 +1,168 @@
+"""Tables and plots from the sweep's JSON records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vmem.errors import format_bytes
+from vmem.preprocessing.hardware import detect_hardware
+
+
+def _mib(n) -> str:
+    return "-" if n is None else format_bytes(n)
+
+
+def _speed(record: dict) -> str:
+    value = record.get("images_per_s")
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _reference(records: list[dict], model: str) -> dict:
+    return next((r for r in records if r.get("kind") == "reference" and r["model"] == model),
+                {})
+
+
+def _bound(record: dict, reference: dict, spec) -> tuple[str, str]:
+    """Iteration-time bound max(compute, D2H/bw, H2D/bw) and the fraction of transfer
+    time hidden behind compute; compute time is plain's at the same batch."""
+    compute = reference.get("iter_ms")
+    off, pre = record.get("offloaded_bytes"), record.get("prefetched_bytes")
+    if compute is None or record.get("iter_ms") is None or off is None:
+        return "-", "-"
+    if record.get("emulated"):  # synchronous copies, emulated bandwidth: nothing to hide
+        return "-", "n/a"
+    d2h, h2d = off / spec.d2h_bandwidth * 1e3, pre / spec.h2d_bandwidth * 1e3
+    bound = max(compute, d2h, h2d)
+    transfer = d2h + h2d
+    if transfer == 0:
+        return f"{bound:.1f}", "-"
+    hidden = min(max(1 - (record["iter_ms"] - compute) / transfer, 0.0), 1.0)
+    return f"{bound:.1f}", f"{hidden:.0%}"
+
+
+def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
+    """Write results.md (and PNG plots when matplotlib is there); return the markdown."""
+    spec = detect_hardware()
+    first = next((r for r in records if "device" in r), {})
+    lines = [f"# vmem benchmark: {first.get('device', '?')}", ""]
+    if first.get("emulated"):
+        lines += ["Emulated device (no GPU): every speed below is a CPU speed, copies are "
+                  "synchronous, and bandwidths are the emulated spec's; memory figures are "
+                  "exact counts of device-side storage.", ""]
+    lines += [f"torch {first.get('torch')}, models from {first.get('models_from')}, "
+              f"precision {first.get('precision')}, command `python -m bench "
+              f"{' '.join(first.get('argv', []))}`", ""]
+    lines += ["## Half the plain peak", "",
+              "| model | run | budget | peak allocated | img/s | x plain |",
+              "|---|---|---|---|---|---|"]
+    for record in records:
+        if record.get("kind") not in ("reference", "half_plain_peak"):
+            continue
+        reference = _reference(records, record["model"])
+        ratio = "-"
+        if record.get("images_per_s") and reference.get("images_per_s"):
+            ratio = f"{record['images_per_s'] / reference['images_per_s']:.2f}"
+        run = "plain, no budget" if record["kind"] == "reference" else "vmem-auto"
+        lines.append(f"| {record['model']} | {run} | {_mib(record.get('budget'))} | "
+                     f"{_mib(record.get('peak_allocated'))} | {_speed(record)} | {ratio} |"
+                     if record["status"] == "ok" else
+                     f"| {record['model']} | {run} | {_mib(record.get('budget'))} | "
+                     f"{record['status']} | - | - |")
+    lines += ["", f"## Throughput at batch {first.get('batch')}", "",
+              "| model | budget | method | status | peak allocated | peak reserved | img/s | "
+              "x plain | offloaded/step | bound ms | transfer hidden |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for record in records:
+        if record.get("kind") != "throughput":
+            continue
+        reference = _reference(records, record["model"])
+        ratio = "-"
+        if record.get("images_per_s") and reference.get("images_per_s"):
+            ratio = f"{record['images_per_s'] / reference['images_per_s']:.2f}"
+        bound, hidden = _bound(record, reference, spec)
+        lines.append(
+            f"| {record['model']} | {_mib(record['budget'])} | {record['method']} | "
+            f"{record['status']} | {_mib(record.get('peak_allocated'))} | "
+            f"{_mib(record.get('peak_reserved'))} | {_speed(record)} | {ratio} | "
+            f"{_mib(record.get('offloaded_bytes'))} | {bound} | {hidden} |")
+    searches = [r for r in records if r.get("kind") == "max_batch"]
+    if searches:
+        lines += ["", "## Largest batch that trains (3 steps) under the budget", "",
+                  "| model | budget | method | max batch | runs |", "|---|---|---|---|---|"]
+        for r in searches:
+            lines.append(f"| {r['model']} | {_mib(r['budget'])} | {r['method']} | "
+                         f"{r['max_batch']} | {r['runs']} |")
+        lines += ["", _ratios(searches)]
+    unavailable = {r["method"]: r["message"] for r in records if r["status"] == "unavailable"}
+    for method, why in unavailable.items():
+        lines += ["", f"{method}: unavailable ({why})"]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    if plots:
+        _plots(records, out)
+    return text
+
+
+def _ratios(searches: list[dict]) -> str:
+    rows = []
+    for r in searches:
+        if r["method"] != "vmem-auto" or not r["max_batch"]:
+            continue
+        for peer in ("plain", "save_on_cpu"):
+            other = next((s for s in searches if s["method"] == peer and
+                          s["model"] == r["model"] and s["budget"] == r["budget"]), None)
+            if other and other["max_batch"]:
+                rows.append(f"{r['model']} at {_mib(r['budget'])}: vmem-auto's max batch is "
+                            f"{r['max_batch'] / other['max_batch']:.2f}x {peer}'s")
+    return "\n".join(f"- {row}" for row in rows)
+
+
+def _plots(records: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: pip install matplotlib (the 'bench' extra)")
+        return
+    for model in sorted({r["model"] for r in records}):
+        runs = [r for r in records if r["model"] == model]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        for method in sorted({r["method"] for r in runs if r.get("kind") == "throughput"}):
+            points = sorted((r["budget"] / 2**20, r.get("images_per_s") or 0) for r in runs
+                            if r.get("kind") == "throughput" and r["method"] == method)
+            axes[0].plot(*zip(*points, strict=True), marker="o", label=method)
+        axes[0].set(title=f"{model}: throughput vs budget", xlabel="budget (MiB)",
+                    ylabel="images/s (0: does not fit)")
+        axes[0].legend(fontsize=7)
+        searches = [r for r in runs if r.get("kind") == "max_batch"]
+        if searches:
+            methods = sorted({r["method"] for r in searches})
+            budgets = sorted({r["budget"] for r in searches})
+            width = 0.8 / len(budgets)
+            for i, budget in enumerate(budgets):
+                values = [next((r["max_batch"] for r in searches if r["method"] == m and
+                                r["budget"] == budget), 0) for m in methods]
+                axes[1].bar([k + i * width for k in range(len(methods))], values, width,
+                            label=_mib(budget))
+            axes[1].set_xticks([k + 0.4 - width / 2 for k in range(len(methods))], methods,
+                               rotation=30, fontsize=7)
+            axes[1].set(title="max batch per method", ylabel="batch")
+            axes[1].legend(fontsize=7)
+        for r in runs:
+            if r.get("memory_curve") and r.get("kind") in ("reference", "half_plain_peak"):
+                label = "plain" if r["kind"] == "reference" else \
+                    f"vmem-auto, budget {_mib(r['budget'])}"
+                axes[2].plot([b / 2**20 for b in r["memory_curve"]], label=label)
+        axes[2].set(title="device memory over one step", xlabel="operator",
+                    ylabel="MiB in use")
+        axes[2].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{model}.png", dpi=90)
+        plt.close(fig)
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
