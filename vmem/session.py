@@ -21,7 +21,7 @@ from .config import Config, parse_size
 from .control import Plan, make_plan
 from .control.planner import headroom_for
 from .errors import format_bytes
-from .feedforward import HostPool, OffloadExecutor, StagingPool
+from .feedforward import HostPool, OffloadExecutor, StagingPool, TransferCounters
 from .meter import CudaMeter, DeviceMeter, EmulatedMeter
 from .preprocessing import profile_network
 from .preprocessing.hardware import detect_hardware
@@ -88,6 +88,8 @@ class Session:
         self.steps = 0
         self.measured_peak: int | None = None
         self.executor: OffloadExecutor | None = None
+        self._executors: dict = {}  # one per input signature (shapes, dtypes, gradients held)
+        self._counters = TransferCounters()
         self._handles: list = []
         self._saved_hooks = None
         self._planned_for = None
@@ -111,11 +113,11 @@ class Session:
             self.host_pool = HostPool(self._host_buffer, _host_limit(self.config.host_budget))
             self.staging = StagingPool()
             self._handles = [
-                self.model.register_forward_pre_hook(self._before_forward),
+                self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                 self.model.register_forward_hook(self._after_forward, always_call=True),
             ]
             if self.sample is not None:
-                self._prepare(self.sample)
+                self._prepare((self.sample,), {})
         except BaseException:
             self._restore()
             raise
@@ -162,17 +164,17 @@ class Session:
             self._old_fraction = None
 
     # -- every forward ----------------------------------------------------------------
-    def _before_forward(self, module: nn.Module, args) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._planning or not torch.is_grad_enabled():
             return
-        inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if not inputs:
             return
         if isinstance(self.meter, EmulatedMeter):
             self.meter.track(inputs)
-        self._prepare(inputs[0])
-        self.executor.resident = _resident_keys(self.model)
-        self.executor.start_forward()
+        self._exit_saved_hooks()  # left pushed if the last forward was interrupted
+        self._prepare(args, kwargs)
+        self.executor.start_forward(_resident_keys(self.model, inputs))
         self.steps += 1
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self.executor.pack,
                                                                      self.executor.unpack)
@@ -186,30 +188,43 @@ class Session:
             self._saved_hooks.__exit__(None, None, None)
             self._saved_hooks = None
 
-    def _prepare(self, x: torch.Tensor) -> None:
-        """Plan for inputs shaped like ``x`` unless the current plan already is."""
-        key = (tuple(x.shape), x.dtype)
+    def _prepare(self, args: tuple, kwargs: dict) -> None:
+        """Plan for inputs like these unless the current plan already is for them."""
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        gradients_held = any(p.grad is not None for p in self.model.parameters())
+        key = (tuple((tuple(t.shape), t.dtype) for t in inputs), gradients_held)
         if key == self._planned_for:
+            return
+        if key in self._executors:  # planned before (accumulation alternates two plans)
+            self._switch_to(key)
             return
         paused = self.meter.paused() if isinstance(self.meter, EmulatedMeter) else _nothing()
         self._planning = True
         try:
             with paused:
-                profile = profile_network(self.model, key[0], dtype=x.dtype,
+                profile = profile_network(self.model, inputs=args, kwargs=kwargs,
+                                          dtype=_parameter_dtype(self.model),
                                           name=type(self.model).__name__)
                 optimizer = profile_optimizer(self.optimizer) if self.optimizer else None
                 plan = make_plan(profile, budget=self.budget, policy=self.policy,
                                  prefetch_distance=self.config.prefetch_depth,
-                                 optimizer=optimizer, headroom=headroom_for(self.device.type))
+                                 optimizer=optimizer, gradients_held=gradients_held,
+                                 headroom=headroom_for(self.device.type))
         finally:
             self._planning = False
+        self._executors[key] = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
+                                               self.staging, _resident_keys(self.model, inputs),
+                                               self._counters)
+        self._switch_to(key)
+        log.info("vmem: planned for inputs %s:\n%s", [list(t.shape) for t in inputs],
+                 plan.table())
+
+    def _switch_to(self, key) -> None:
         if self.executor is not None:
             self.executor.synchronize()
-        self.plan, self._planned_for = plan, key
-        self.staging.stats.capacity = plan.staging_bytes  # the plan sized the staging pool
-        self.executor = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
-                                        self.staging, _resident_keys(self.model))
-        log.info("vmem: planned for input %s:\n%s", list(key[0]), plan.table())
+        self.executor, self._planned_for = self._executors[key], key
+        self.plan = self.executor.plan
+        self.staging.stats.capacity = self.plan.staging_bytes  # the plan sized it
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
         if not isinstance(self.meter, EmulatedMeter):
@@ -279,8 +294,14 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _resident_keys(model: nn.Module) -> set[int]:
-    return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+def _resident_keys(model: nn.Module, inputs: list[torch.Tensor]) -> set[int]:
+    """Storages that never leave the device: parameters, buffers, the forward's inputs."""
+    return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(),
+                                                  *inputs]}
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _held_tensors(model: nn.Module, optimizer) -> Iterable[torch.Tensor]:

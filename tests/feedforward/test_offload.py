@@ -20,7 +20,7 @@ def _executor(model, shape, policy="vdnn_all"):
 
 
 def _step(model, executor, x):
-    executor.start_forward()
+    executor.start_forward(executor.resident | {x.untyped_storage()._cdata})
     with torch.autograd.graph.saved_tensors_hooks(executor.pack, executor.unpack):
         out = model(x)
     out.sum().backward()
@@ -41,11 +41,12 @@ def test_parameters_buffers_and_tiny_tensors_stay():
     model = nn.Sequential(nn.Linear(1024, 1024), nn.BatchNorm1d(1024), nn.Tanh(),
                           nn.Linear(1024, 4))
     executor = _executor(model, (64, 1024))
-    resident = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    x = torch.randn(64, 1024)  # the input: the caller holds it, so it stays too
+    resident = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(), x]}
     seen = []
     pack = executor.pack
     executor.pack = lambda t: seen.append((t, pack(t))) or seen[-1][1]
-    _step(model, executor, torch.randn(64, 1024))
+    _step(model, executor, x)
     for t, packed in seen:
         key, nbytes = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
         if key in resident or nbytes < executor.plan.min_bytes:

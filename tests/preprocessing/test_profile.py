@@ -65,7 +65,7 @@ def test_saved_bytes_per_layer_by_hand():
     act = 2 * 8 * 8 * 8 * 4  # one (2, 8, 8, 8) float map
     pooled = 2 * 8 * 4 * 4 * 4
     expected = {
-        "conv": 2 * 3 * 8 * 8 * 4,  # its input; the weight is a parameter
+        "conv": 0,  # its input is the batch the caller holds; the weight is a parameter
         "bn": act + 2 * 8 * 4,  # its input, and the batch mean and inverse std
         "relu": act,  # its result
         "pool": 2 * 8 * 4 * 4 * 8,  # int64 indices; its input is relu's result, counted there
@@ -85,8 +85,10 @@ def test_saved_bytes_equal_what_autograd_saved(build, shape):
     torch.manual_seed(0)
     model = build()
     prof = profile_network(model, shape)
-    out = model(torch.randn(shape))
-    assert prof.saved_bytes == _graph_saved_bytes(out, _resident_keys(model))
+    x = torch.randn(shape)  # the caller holds the batch: resident, like the parameters
+    out = model(x)
+    resident = _resident_keys(model) | {x.untyped_storage()._cdata}
+    assert prof.saved_bytes == _graph_saved_bytes(out, resident)
 
 
 def test_residual_adds_are_layers():

@@ -54,7 +54,7 @@ class Plan:
     predicted_peak: int  # bytes, the whole step (forward, backward, optimizer step)
     plain_peak: int  # the same with nothing offloaded
     staging_bytes: int  # most bytes fetched back and not yet freed (the staging pool)
-    resident_bytes: int  # optimizer state added to the profile's curve
+    resident_bytes: int  # added to the profile's curve: optimizer state, gradients if held
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "saves", [s if isinstance(s, SaveDecision)

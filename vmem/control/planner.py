@@ -47,8 +47,13 @@ def headroom_for(device_type: str) -> tuple[float, int]:
 
 def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
               prefetch_distance: int | None = None, optimizer: OptimizerProfile | None = None,
-              headroom: tuple[float, int] = (0.02, 0), min_bytes: int = MIN_BYTES) -> Plan:
+              gradients_held: bool = False, headroom: tuple[float, int] = (0.02, 0),
+              min_bytes: int = MIN_BYTES) -> Plan:
     """Plan one training step of ``profile`` within ``budget`` bytes.
+
+    ``gradients_held``: the parameters' gradients are on the device when forward starts
+    (gradient accumulation, ``zero_grad(set_to_none=False)``); the profile assumes they are
+    created in backward, so they are added throughout.
 
     Example::
 
@@ -61,7 +66,8 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     """
     layer_segment = segment_of_layers(profile.layers)
     state = optimizer.state_bytes if optimizer else 0
-    model = MemoryModel(profile, layer_segment, min_bytes, extra_bytes=state)
+    held = state + (profile.param_bytes if gradients_held else 0)
+    model = MemoryModel(profile, layer_segment, min_bytes, extra_bytes=held)
     step_peak = 0
     if optimizer:  # the step also sees the buffers and the input batch
         step_peak = optimizer.step_peak + profile.buffer_bytes + profile.input_bytes
@@ -91,7 +97,7 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     if target is not None and peak(offloaded, distance) > target:
         raise too_small(offloaded, distance)
     return _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
-                     offloaded, distance, min_bytes, state, peak)
+                     offloaded, distance, min_bytes, held, peak)
 
 
 def _candidates(profile: NetworkProfile, model: MemoryModel, policy: str) -> list[int]:

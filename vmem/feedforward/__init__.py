@@ -5,7 +5,7 @@
   PyTorch's caching allocator, accounted by the plan).
 """
 
-from .offload import OffloadExecutor
+from .offload import OffloadExecutor, TransferCounters
 from .pools import HostPool, StagingPool
 
-__all__ = ["HostPool", "OffloadExecutor", "StagingPool"]
+__all__ = ["HostPool", "OffloadExecutor", "StagingPool", "TransferCounters"]

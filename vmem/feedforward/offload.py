@@ -1,20 +1,23 @@
 """The offload executor: carries out a plan inside autograd through saved-tensor hooks.
 
 Every tensor autograd saves in the model's forward passes through :meth:`pack`. Parameters,
-buffers and saves under the plan's size floor pass through untouched. The others are
-*tracked*: numbered in the order their storage is first saved, which is the order the profile
-saw, so the n-th tracked save takes the plan's n-th decision. A storage saved twice is
-handled once. An offloaded storage's bytes are copied whole to the host pool (views and
+buffers, the forward's inputs (the caller holds them anyway) and saves under the plan's size
+floor pass through untouched. The others are *tracked*: numbered in the order their storage
+is first saved, which is the order the profile saw, so the n-th tracked save takes the plan's
+n-th decision. A storage saved twice is copied once, unless it was changed in place between
+the two saves. An offloaded storage's bytes are copied whole to the host pool (views and
 non-contiguous tensors are rebuilt exactly over the fetched-back bytes), and the device
 storage is released as soon as the forward code lets go of it.
 
 In backward, :meth:`unpack` of any tracked save of segment ``j`` issues the prefetch of every
 offloaded storage needed in segments ``j - distance`` and above not yet on its way: the rule
-:mod:`vmem.control.memory` predicts with.
+:mod:`vmem.control.memory` predicts with. (Unpack hooks are how backward announces its
+progress; no module backward hooks are needed, so in-place layers stay legal.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 
@@ -24,24 +27,28 @@ from ..control.plan import OFFLOAD, Plan
 from ..transfer import TransferBackend
 from .pools import HostPool, StagingPool
 
-__all__ = ["OffloadExecutor"]
+__all__ = ["OffloadExecutor", "TransferCounters"]
 
 log = logging.getLogger("vmem")
 
 
 class _Stored:
-    """One offloaded storage: its host copy, and its device copy while fetched back."""
+    """One copy of a storage in the host pool, and its device copy while fetched back."""
 
-    __slots__ = ("nbytes", "segment", "host", "offloaded", "original", "device", "fetched",
-                 "consumed", "packs", "unpacks", "backend", "give_back")
+    __slots__ = ("nbytes", "segment", "host", "offloaded", "original", "version", "device",
+                 "fetched", "consumed", "freed_copy", "packs", "unpacks", "backend",
+                 "give_back", "__weakref__")
 
-    def __init__(self, nbytes: int, segment: int, host: torch.Tensor, give_back,
+    def __init__(self, t: torch.Tensor, segment: int, host: torch.Tensor, give_back,
                  backend: TransferBackend, source: torch.Tensor) -> None:
-        self.nbytes, self.segment, self.host, self.give_back = nbytes, segment, host, give_back
+        self.nbytes, self.segment, self.host, self.give_back = source.numel(), segment, host, \
+            give_back
         self.backend = backend
         self.offloaded = backend.offload(source, host)  # event of the copy out
-        self.original = weakref.ref(source.untyped_storage())  # alive while forward holds it
-        self.device: torch.Tensor | None = None
+        self.original = weakref.ref(t)  # the saved tensor, while the forward code holds it
+        self.version = t._version
+        self.device: torch.Tensor | None = None  # the copy back, until its last unpack
+        self.freed_copy = None  # a weak reference to it after that
         self.fetched = None  # event of the latest copy back
         self.consumed = True  # the compute stream has waited for that copy
         self.packs = 0
@@ -56,14 +63,27 @@ class _Stored:
         self.give_back()
 
 
-class _Packed:
-    """What autograd holds for an offloaded save: the storage and the view over it."""
+class _Entry:
+    """What the executor knows of a storage saved in this step, while the storage lives."""
 
-    __slots__ = ("stored", "dtype", "offset", "shape", "stride")
+    __slots__ = ("segment", "stored")
+
+    def __init__(self, segment: int, stored: _Stored | None) -> None:
+        self.segment = segment
+        self.stored = None if stored is None else weakref.ref(stored)  # None: kept
+
+
+class _Packed:
+    """What autograd holds for an offloaded save: the copy and the view over it."""
+
+    __slots__ = ("stored", "dtype", "offset", "shape", "stride", "source", "version",
+                 "unpacked")
 
     def __init__(self, stored: _Stored, t: torch.Tensor) -> None:
         self.stored, self.dtype = stored, t.dtype
         self.offset, self.shape, self.stride = t.storage_offset(), t.shape, t.stride()
+        self.source, self.version = weakref.ref(t), t._version
+        self.unpacked = False  # a node may read its saved tensors more than once
 
 
 class _Kept:
@@ -75,26 +95,36 @@ class _Kept:
         self.tensor, self.segment = tensor, segment
 
 
+@dataclasses.dataclass
+class TransferCounters:
+    """Bytes moved, in all steps (shared by the executors of one session)."""
+
+    offloaded_bytes: int = 0
+    prefetched_bytes: int = 0
+    reused_bytes: int = 0  # offloaded, but still on the device when backward needed it
+
+
 class OffloadExecutor:
     """Pack and unpack hooks for one plan on one device."""
 
     def __init__(self, plan: Plan, device: torch.device, backend: TransferBackend,
-                 host_pool: HostPool, staging: StagingPool, resident: set[int]) -> None:
+                 host_pool: HostPool, staging: StagingPool, resident: set[int],
+                 counters: TransferCounters | None = None) -> None:
         self.plan, self.device, self.backend = plan, device, backend
         self.host_pool, self.staging, self.resident = host_pool, staging, resident
         self.segments = max((s.segment for s in plan.saves), default=0) + 1
-        self.offloaded_bytes = 0  # in all steps
-        self.prefetched_bytes = 0
-        self.reused_bytes = 0  # offloaded, but still on the device when backward needed it
+        self.counters = counters or TransferCounters()
         self.layer = "-"  # the layer of the latest tracked save, for error messages
         self._warned = False
-        self.start_forward()
+        self.start_forward(resident)
         host_pool.reserve(plan.offloaded_bytes)
 
-    def start_forward(self) -> None:
-        """Reset the per-step state; called as the model's forward begins."""
+    def start_forward(self, resident: set[int]) -> None:
+        """Reset the per-step state as the model's forward begins; ``resident`` are the
+        storages that never leave (parameters, buffers, this forward's inputs)."""
+        self.resident = resident
         self.ordinal = 0
-        self.alive: dict[int, _Stored | _Kept] = {}  # storage -> its entry, while alive
+        self.alive: dict[int, _Entry] = {}  # storage -> its entry, while the storage lives
         self.waiting: list[list[_Stored]] = [[] for _ in range(self.segments)]
         self.issued_from = self.segments  # segments >= this have had their prefetch issued
         self.in_sync = True
@@ -110,33 +140,46 @@ class OffloadExecutor:
             nbytes = storage.nbytes()
             if nbytes < self.plan.min_bytes:
                 return t
-            entry = self._first_save(storage, nbytes)
-            self.alive[key] = entry  # an int (the segment) for a kept storage: no reference
+            entry = self._first_save(t, storage, nbytes)
+            self.alive[key] = entry
             weakref.finalize(storage, self.alive.pop, key, None)
-        if isinstance(entry, int):
-            return _Kept(t, entry)
-        entry.packs += 1
-        return _Packed(entry, t)
+        if entry.stored is None or t.is_complex():  # kept (complex views: their conj bits)
+            return _Kept(t, entry.segment)
+        stored = entry.stored()
+        if stored is None or stored.version != t._version:  # its graph is gone, or the
+            stored = self._offload(t, storage, entry.segment)  # bytes changed since: copy anew
+            if stored is None:
+                return _Kept(t, entry.segment)
+            entry.stored = weakref.ref(stored)
+        stored.packs += 1
+        return _Packed(stored, t)
 
-    def _first_save(self, storage: torch.UntypedStorage, nbytes: int) -> _Stored | int:
+    def _first_save(self, t: torch.Tensor, storage, nbytes: int) -> _Entry:
         decisions = self.plan.saves
         ordinal, self.ordinal = self.ordinal, self.ordinal + 1
         if ordinal >= len(decisions) or decisions[ordinal].nbytes != nbytes:
             self._out_of_sync(ordinal, nbytes)
-            return self.segments - 1
+            return _Entry(self.segments - 1, None)
         decision = decisions[ordinal]
         self.layer = decision.layer
-        if decision.action != OFFLOAD or not self.in_sync:
-            return decision.segment
-        slot = self.host_pool.take(nbytes)
+        if decision.action != OFFLOAD or not self.in_sync or t.is_complex():
+            return _Entry(decision.segment, None)
+        return _Entry(decision.segment, self._offload(t, storage, decision.segment))
+
+    def _offload(self, t: torch.Tensor, storage, segment: int) -> _Stored | None:
+        """Copy ``storage`` to a host slice; None (keep it) when the host budget is spent.
+
+        The returned object is referenced only by the waiting list and by what autograd
+        holds, so its host slice goes back as soon as the graph lets go of it."""
+        slot = self.host_pool.take(storage.nbytes())
         if slot is None:
-            self._warn(f"the host budget is spent; keeping {decision.layer}'s save on the "
-                       "device (raise VMEM_HOST_BUDGET)")
-            return decision.segment
+            self._warn(f"the host budget is spent; keeping {self.layer}'s save on the device "
+                       "(raise VMEM_HOST_BUDGET)")
+            return None
         source = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
-        stored = _Stored(nbytes, decision.segment, *slot, self.backend, source)
-        self.waiting[decision.segment].append(stored)
-        self.offloaded_bytes += nbytes
+        stored = _Stored(t, segment, *slot, self.backend, source)
+        self.waiting[segment].append(stored)
+        self.counters.offloaded_bytes += stored.nbytes
         return stored
 
     def _out_of_sync(self, ordinal: int, nbytes: int) -> None:
@@ -158,17 +201,36 @@ class OffloadExecutor:
         self._issue_down_to(segment - self.plan.prefetch_distance)
         if isinstance(packed, _Kept):
             return packed.tensor
+        source = packed.source()
+        if source is not None and source._version != packed.version:
+            raise RuntimeError(  # what autograd says when it holds the tensor itself
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: a saved {packed.dtype} tensor of shape "
+                f"{list(packed.shape)} is at version {source._version}; expected version "
+                f"{packed.version} instead")
         stored = packed.stored
+        device = self._device_copy(stored)
+        t = torch.empty(0, dtype=packed.dtype, device=self.device).set_(
+            device.untyped_storage(), packed.offset, packed.shape, packed.stride)
+        if not packed.unpacked:
+            packed.unpacked = True
+            stored.unpacks += 1
+        if stored.unpacks == stored.packs:  # every save of it is unpacked: autograd holds it
+            stored.freed_copy = weakref.ref(device.untyped_storage())
+            stored.device = None
+        return t
+
+    def _device_copy(self, stored: _Stored) -> torch.Tensor:
+        """The storage's bytes on the device, fetched back if nothing holds them there."""
         if stored.device is None:
-            self._fetch(stored, ahead=False)
+            copy = stored.freed_copy() if stored.freed_copy else None
+            if copy is not None:  # a node unpacks it again while autograd still holds it
+                stored.device = torch.empty(0, dtype=torch.uint8, device=self.device).set_(copy)
+            else:
+                self._fetch(stored, ahead=False)
         self.backend.consume(stored.device, stored.fetched)
         stored.consumed = True
-        t = torch.empty(0, dtype=packed.dtype, device=self.device).set_(
-            stored.device.untyped_storage(), packed.offset, packed.shape, packed.stride)
-        stored.unpacks += 1
-        if stored.unpacks % stored.packs == 0:
-            stored.device = None  # the last save of it is unpacked: autograd holds it now
-        return t
+        return stored.device
 
     def _issue_down_to(self, floor: int) -> None:
         floor = max(floor, 0)
@@ -181,15 +243,29 @@ class OffloadExecutor:
 
     def _fetch(self, stored: _Stored, ahead: bool) -> None:
         original = stored.original()
-        if original is not None:  # something besides autograd still holds it: no copy back
-            stored.device = torch.empty(0, dtype=torch.uint8, device=self.device).set_(original)
+        if original is not None and original._version == stored.version:
+            # The forward code still holds it, unchanged: no copy back.
+            source = original.untyped_storage()
+            stored.device = torch.empty(0, dtype=torch.uint8, device=self.device).set_(source)
             stored.fetched = None
-            self.reused_bytes += stored.nbytes
+            self.counters.reused_bytes += stored.nbytes
             return
         stored.device, stored.fetched = self.backend.prefetch(stored.host, stored.offloaded)
         stored.consumed = False
         self.staging.track(stored.device, ahead)
-        self.prefetched_bytes += stored.nbytes
+        self.counters.prefetched_bytes += stored.nbytes
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return self.counters.offloaded_bytes
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return self.counters.prefetched_bytes
+
+    @property
+    def reused_bytes(self) -> int:
+        return self.counters.reused_bytes
 
     def synchronize(self) -> None:
         self.backend.synchronize()

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import format_bytes
 from ..meter import DeviceMeter, EmulatedMeter
@@ -483,38 +483,46 @@ class _Releaser(TorchDispatchMode):
         pass
 
 
-def _step(model: nn.Module, tensors: dict[str, torch.Tensor], x: torch.Tensor,
-          recorder: _Recorder | _Releaser, meter: DeviceMeter | None = None) -> None:
-    """One plain training step (forward, backward of ``output.sum()``) under ``recorder``."""
+def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, recorder,
+          meter: DeviceMeter | None = None) -> None:
+    """One plain training step (forward, backward of the outputs' sum) under ``recorder``.
+
+    The output stays alive through backward, as a training loop's ``out`` does."""
+    args, kwargs = inputs
     handles = recorder.hook(model)
     try:
         with meter or contextlib.nullcontext(), recorder, \
                 torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
-            out = torch.func.functional_call(model, tensors, (x,))
+            out = torch.func.functional_call(model, tensors, args, kwargs)
             recorder.end_forward()
             loss = sum(t.float().sum() for t in tree_flatten(out)[0]
                        if isinstance(t, torch.Tensor) and t.requires_grad)
-            del out
             recorder.start_backward()
             loss.backward()
             recorder.end_backward()
-            del loss
+            del loss, out
     finally:
         for handle in handles:
             handle.remove()
 
 
-def profile_network(model: nn.Module, input_shape: Sequence[int], *,
-                    device: torch.device | str = "meta", dtype: torch.dtype = torch.float32,
+def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, *,
+                    inputs: tuple = (), kwargs: dict | None = None,
+                    device: torch.device | str = "meta", dtype: torch.dtype | None = None,
                     iterations: int = 3, name: str | None = None) -> NetworkProfile:
-    """Profile one plain training step of ``model`` on an input of ``input_shape``.
+    """Profile one plain training step of ``model``.
 
     Args:
-        model: any ``nn.Module`` taking one tensor; it is not modified.
-        input_shape: the input's shape, e.g. ``(256, 3, 224, 224)``.
+        model: any ``nn.Module``; it is not modified.
+        input_shape: the shape of the model's one input, e.g. ``(256, 3, 224, 224)``;
+            or, instead, ``inputs`` and ``kwargs``:
+        inputs, kwargs: example positional and keyword arguments; each tensor among them is
+            replaced by a stand-in of its shape and dtype (random floats, or zeros for
+            integer inputs such as token ids), anything else passed as it is.
         device: ``"meta"`` (the default) for a shape-only profile that allocates nothing;
             a real device (``"cuda"``, ``"cpu"``) also measures per-layer times.
-        dtype: the input's and the parameters' floating-point type.
+        dtype: the parameters' (and a shaped input's) floating-point type; by default the
+            first floating-point input's, else float32.
         iterations: timed steps on a real device, after one warm-up step; per-layer times are
             the median.
         name: what the profile calls the model (the class name by default).
@@ -528,21 +536,31 @@ def profile_network(model: nn.Module, input_shape: Sequence[int], *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
-        raise ValueError(f"input_shape={tuple(input_shape)} must be positive sizes, "
-                         "e.g. (32, 3, 224, 224)")
+    if input_shape is not None:
+        if len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
+            raise ValueError(f"input_shape={tuple(input_shape)} must be positive sizes, "
+                             "e.g. (32, 3, 224, 224)")
+        inputs = (torch.empty(tuple(int(n) for n in input_shape), device="meta",
+                              dtype=dtype or torch.float32),)
+    example = (tuple(inputs), dict(kwargs or {}))
+    tensors_in = [t for t in tree_flatten(example)[0] if isinstance(t, torch.Tensor)]
+    if not tensors_in:
+        raise ValueError("profile_network needs an input: pass input_shape or tensors in "
+                         "inputs/kwargs")
+    if dtype is None:
+        dtype = next((t.dtype for t in tensors_in if t.is_floating_point()), torch.float32)
     device = torch.device(device)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    shape = tuple(int(n) for n in input_shape)
-    recorder, _ = _run(model, params, buffers, shape, torch.device("meta"), dtype, timed=False)
-    saves = recorder.save_order
-    tensors = _device_copies(params, buffers, torch.device("meta"), dtype)
-    x = torch.empty(shape, device="meta", dtype=dtype)
-    _step(model, tensors, x, _Releaser({_storage_key(t) for t in tensors.values()}, saves))
+    meta = torch.device("meta")
+    recorder, _ = _run(model, params, buffers, example, meta, dtype, timed=False)
+    tensors = _device_copies(params, buffers, meta, dtype)
+    stand_ins = _stand_ins(example, meta)
+    _step(model, tensors, stand_ins,
+          _Releaser(_keys(list(tensors.values()), stand_ins), recorder.save_order))
     layers, peak = recorder.layers, max(recorder.memory, default=0)
     if device.type != "meta":
-        steps = [_run(model, params, buffers, shape, device, dtype, timed=True)
+        steps = [_run(model, params, buffers, example, device, dtype, timed=True)
                  for _ in range(1 + max(1, iterations))]
         layers = steps[-1][0].layers  # what the device saved and allocated
         forward_ms = [fwd for _, (fwd, _) in steps[1:]]  # the first step warmed up
@@ -552,37 +570,49 @@ def profile_network(model: nn.Module, input_shape: Sequence[int], *,
             layer.backward_ms = statistics.median(t.get(layer.index, 0.0) for t in backward_ms)
     return NetworkProfile(
         model=name or type(model).__name__,
-        input_shape=list(shape),
+        input_shape=list(tensors_in[0].shape),
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         layers=layers,
         param_bytes=sum(_nbytes(p, dtype) for p in params.values()),
         buffer_bytes=sum(_nbytes(b, dtype) for b in buffers.values()),
-        input_bytes=_numel(shape) * torch.empty(0, dtype=dtype).element_size(),
+        input_bytes=sum(t.numel() * t.element_size() for t in tensors_in),
         peak_bytes=peak,
         timeline=recorder.timeline(),
     )
 
 
-def _run(model: nn.Module, params: dict, buffers: dict, shape: tuple[int, ...],
-         device: torch.device, dtype: torch.dtype, timed: bool):
+def _stand_ins(example: tuple, device: torch.device) -> tuple:
+    """The example inputs with each tensor replaced by a fresh one on ``device``."""
+    def stand_in(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if device.type == "meta":
+            return torch.empty(value.shape, dtype=value.dtype, device=device)
+        if value.is_floating_point():
+            return torch.randn(value.shape, dtype=value.dtype, device=device)
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    return tree_map(stand_in, example)
+
+
+def _keys(*groups) -> set[int]:
+    """Storages of the tensors in ``groups``: parameters, buffers and inputs stay resident."""
+    return {_storage_key(t) for t in tree_flatten(groups)[0] if isinstance(t, torch.Tensor)}
+
+
+def _run(model: nn.Module, params: dict, buffers: dict, example: tuple, device: torch.device,
+         dtype: torch.dtype, timed: bool):
     """One recorded step on ``device``; returns the recorder and, if timed, the times."""
     tensors = _device_copies(params, buffers, device, dtype)
-    x = torch.randn(shape, device=device, dtype=dtype)
+    stand_ins = _stand_ins(example, device)
     meter = DeviceMeter.for_device(device)
+    resident = _keys(list(tensors.values()), stand_ins)
     if isinstance(meter, EmulatedMeter):
-        meter.track([*tensors.values(), x])
-    resident = {_storage_key(t) for t in tensors.values()}
+        meter.track([*tensors.values(), *(t for t in tree_flatten(stand_ins)[0]
+                                          if isinstance(t, torch.Tensor))])
     recorder = _Recorder(meter, _Clock(device) if timed else None, resident)
-    _step(model, tensors, x, recorder, meter)
+    _step(model, tensors, stand_ins, recorder, meter)
     return recorder, recorder.times() if timed else None
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
