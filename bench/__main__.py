@@ -22,7 +22,7 @@ import torch
 from vmem.config import parse_size
 
 from .methods import METHODS
-from .report import write_report
+from .report import load, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-limit", type=int, default=4096 if cuda else 512)
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--report", type=Path, metavar="RESULTS_JSONL",
+                   help="only rewrite the table and plots from an earlier sweep's records")
     p.add_argument("--smoke", action="store_true",
                    help="a sweep of under two minutes: resnet20, 32x32, two budgets, four "
                         "methods, three timed iterations, no plots")
@@ -83,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Progress:
-    """A line per finished run: where the sweep is, how long it has taken."""
+    """A progress bar line per finished run: how far the sweep is, how long it has taken."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.start = total, 0, time.time()
@@ -92,8 +94,11 @@ class Progress:
         self.done += 1
         speed = record.get("images_per_s")
         result = record["status"] if speed is None else f"{speed:.1f} img/s"
+        filled = round(20 * self.done / self.total)
+        bar = "#" * filled + "." * (20 - filled)
         elapsed = time.time() - self.start
-        print(f"[{self.done}/{self.total}, {elapsed:.0f} s] {label}: {result}", flush=True)
+        print(f"[{bar}] {self.done}/{self.total} {elapsed:.0f} s  {label}: {result}",
+              flush=True)
 
 
 def run_one(spec: dict, timeout: int) -> dict:
@@ -138,6 +143,9 @@ def max_batch(base: dict, limit: int, timeout: int) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(write_report(load(args.report), args.report.parent))
+        return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu-emulated"
     slug = device.lower().replace(" ", "-").replace("/", "-")
     out = args.out / slug

@@ -23,6 +23,15 @@ def _reference(records: list[dict], model: str) -> dict:
                 {})
 
 
+def _link(record: dict) -> str:
+    """Bytes over the host link per second of iteration (both directions): a lower bound on
+    the link bandwidth the copies achieved, since they overlap compute."""
+    moved = (record.get("offloaded_bytes") or 0) + (record.get("prefetched_bytes") or 0)
+    if not moved or not record.get("iter_ms"):
+        return "-"
+    return f"{moved / record['iter_ms'] / 1e6:.2f}"
+
+
 def _bound(record: dict, reference: dict, spec) -> tuple[str, str]:
     """Iteration-time bound max(compute, D2H/bw, H2D/bw) and the fraction of transfer
     time hidden behind compute; compute time is plain's at the same batch."""
@@ -71,8 +80,8 @@ def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
                      f"{record['status']} | - | - |")
     lines += ["", f"## Throughput at batch {first.get('batch')}", "",
               "| model | budget | method | status | peak allocated | peak reserved | img/s | "
-              "x plain | offloaded/step | bound ms | transfer hidden |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "x plain | offloaded/step | link GB/s | bound ms | transfer hidden |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in records:
         if record.get("kind") != "throughput":
             continue
@@ -85,7 +94,7 @@ def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
             f"| {record['model']} | {_mib(record['budget'])} | {record['method']} | "
             f"{record['status']} | {_mib(record.get('peak_allocated'))} | "
             f"{_mib(record.get('peak_reserved'))} | {_speed(record)} | {ratio} | "
-            f"{_mib(record.get('offloaded_bytes'))} | {bound} | {hidden} |")
+            f"{_mib(record.get('offloaded_bytes'))} | {_link(record)} | {bound} | {hidden} |")
     searches = [r for r in records if r.get("kind") == "max_batch"]
     if searches:
         lines += ["", "## Largest batch that trains (3 steps) under the budget", "",
