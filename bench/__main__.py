@@ -118,27 +118,27 @@ def run_one(spec: dict, timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
-def max_batch(base: dict, limit: int, timeout: int) -> tuple[int, int]:
+def max_batch(base: dict, limit: int, timeout: int) -> tuple[int, int, str]:
     """Largest batch that trains 3 steps under the budget: doubling, then bisection.
 
-    Returns (largest batch that fits or 0, number of runs)."""
-    def fits(batch: int) -> bool:
-        spec = dict(base, batch=batch, warmup=3, iterations=0)
-        return run_one(spec, timeout)["status"] == "ok"
+    Returns (largest batch that fits or 0, number of runs, status of the first run)."""
+    statuses = []
 
-    runs, low, high = 1, 0, 1
+    def fits(batch: int) -> bool:
+        statuses.append(run_one(dict(base, batch=batch, warmup=3, iterations=0),
+                                timeout)["status"])
+        return statuses[-1] == "ok"
+
+    if not fits(1):
+        return 0, 1, statuses[0]
+    low, high = 1, 2
     while high <= limit and fits(high):
-        low, high, runs = high, high * 2, runs + 1
-    if high > limit:
-        return low, runs
-    while high - low > 1:
-        middle = (low + high) // 2
-        runs += 1
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
-    return low, runs
+        low, high = high, high * 2
+    if high <= limit:  # bisect between the last batch that fitted and the first that did not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, len(statuses), statuses[0]
 
 
 def main(argv=None) -> int:
@@ -177,8 +177,9 @@ def main(argv=None) -> int:
         search_progress = Progress(len(searches))
         for model, budget, method in searches:
             spec = dict(base, model=model, method=method, budget=budget)
-            largest, runs = max_batch(spec, args.max_batch_limit, args.timeout)
-            record = dict(spec, kind="max_batch", status="ok", max_batch=largest, runs=runs)
+            largest, runs, status = max_batch(spec, args.max_batch_limit, args.timeout)
+            status = "unavailable" if status == "unavailable" else "ok"
+            record = dict(spec, kind="max_batch", status=status, max_batch=largest, runs=runs)
             records.append(record)
             search_progress.update(f"max batch {model} {method} at {budget / 2**20:.0f} MiB",
                                    dict(status=f"batch {largest}"))

@@ -99,9 +99,11 @@ def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
     if searches:
         lines += ["", "## Largest batch that trains (3 steps) under the budget", "",
                   "| model | budget | method | max batch | runs |", "|---|---|---|---|---|"]
+        unavailable = {r["method"] for r in records if r["status"] == "unavailable"}
         for r in searches:
+            largest = "unavailable" if r["method"] in unavailable else r["max_batch"]
             lines.append(f"| {r['model']} | {_mib(r['budget'])} | {r['method']} | "
-                         f"{r['max_batch']} | {r['runs']} |")
+                         f"{largest} | {r['runs']} |")
         lines += ["", _ratios(searches)]
     unavailable = {r["method"]: r["message"] for r in records if r["status"] == "unavailable"}
     for method, why in unavailable.items():

@@ -119,7 +119,7 @@ def emulated_spec(overrides: str = "") -> HardwareSpec:
 def _cuda_spec(index: int) -> HardwareSpec:
     props = torch.cuda.get_device_properties(index)
     free, total = torch.cuda.mem_get_info(index)
-    nvml = _read_nvml(str(props.uuid)) if hasattr(props, "uuid") else None
+    nvml = _read_nvml(str(getattr(props, "uuid", "")), index)
     if nvml is None:
         log.info("vmem: NVML unavailable; PCIe link of %s unknown, bandwidth measured only",
                  props.name)
@@ -134,13 +134,13 @@ def _cuda_spec(index: int) -> HardwareSpec:
                         **nvml, **measured)
 
 
-def _read_nvml(uuid: str) -> dict | None:
+def _read_nvml(uuid: str, index: int) -> dict | None:
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            handle = _nvml_handle(pynvml, uuid, index)
             return {"pcie_generation": pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle),
                     "pcie_width": pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle)}
         finally:
@@ -148,6 +148,16 @@ def _read_nvml(uuid: str) -> dict | None:
     except Exception as err:  # no library, no driver, or no such device: say so, go on
         log.info("vmem: NVML read failed (%s)", err)
         return None
+
+
+def _nvml_handle(pynvml, uuid: str, index: int):
+    """The device by UUID (CUDA and NVML may number devices differently), else by index."""
+    for name in (f"GPU-{uuid}", uuid) if uuid else ():
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(name)
+        except Exception:
+            continue
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def _cache_path(key: str) -> Path:
