@@ -24,11 +24,17 @@ class Unavailable(Exception):
 
 
 def as_sequential(model: nn.Module) -> nn.Sequential:
-    """The model as a flat ``nn.Sequential`` (what ``checkpoint_sequential`` takes)."""
+    """The model as a flat ``nn.Sequential`` (what ``checkpoint_sequential`` takes): VGG's
+    layers, or ResNet's stem layers and residual blocks one by one, so that sqrt(n) segments
+    cut the network as a user would."""
     if hasattr(model, "features") and hasattr(model, "classifier"):  # VGG
         return nn.Sequential(*model.features, model.avgpool, nn.Flatten(1), *model.classifier)
     if hasattr(model, "fc") and hasattr(model, "avgpool"):  # ResNet (torchvision's or ours)
-        body = [m for name, m in model.named_children() if name not in ("avgpool", "fc")]
+        body = []
+        for name, child in model.named_children():
+            if name in ("avgpool", "fc"):
+                continue
+            body += list(child) if isinstance(child, nn.Sequential) else [child]
         return nn.Sequential(*body, model.avgpool, nn.Flatten(1), model.fc)
     raise Unavailable(f"no sequential form of {type(model).__name__}")
 

@@ -58,7 +58,9 @@ def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
     if first.get("emulated"):
         lines += ["Emulated device (no GPU): every speed below is a CPU speed, copies are "
                   "synchronous, and bandwidths are the emulated spec's; memory figures are "
-                  "exact counts of device-side storage.", ""]
+                  "exact counts of device-side storage. save_on_cpu's copies are CPU tensors, "
+                  "which on the emulated device are device memory, so it cannot save "
+                  "anything here: compare it on a GPU.", ""]
     lines += [f"torch {first.get('torch')}, models from {first.get('models_from')}, "
               f"precision {first.get('precision')}, command `python -m bench "
               f"{' '.join(first.get('argv', []))}`", ""]
@@ -105,7 +107,8 @@ def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
             lines.append(f"| {r['model']} | {_mib(r['budget'])} | {r['method']} | "
                          f"{largest} | {r['runs']} |")
         lines += ["", _ratios(searches)]
-    unavailable = {r["method"]: r["message"] for r in records if r["status"] == "unavailable"}
+    unavailable = {r["method"]: r.get("message", "") for r in records
+                   if r["status"] == "unavailable" and r.get("message")}
     for method, why in unavailable.items():
         lines += ["", f"{method}: unavailable ({why})"]
     text = "\n".join(lines) + "\n"
@@ -166,9 +169,11 @@ def _plots(records: list[dict], out: Path) -> None:
             if r.get("memory_curve") and r.get("kind") in ("reference", "half_plain_peak"):
                 label = "plain" if r["kind"] == "reference" else \
                     f"vmem-auto, budget {_mib(r['budget'])}"
-                axes[2].plot([b / 2**20 for b in r["memory_curve"]], label=label)
-        axes[2].set(title="device memory over one step", xlabel="operator",
-                    ylabel="MiB in use")
+                curve = r["memory_curve"]
+                axes[2].plot([i / len(curve) for i in range(len(curve))],
+                             [b / 2**20 for b in curve], label=label)
+        axes[2].set(title="device memory over one training step",
+                    xlabel="progress through the step (operators)", ylabel="MiB in use")
         axes[2].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{model}.png", dpi=90)

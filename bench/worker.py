@@ -65,7 +65,7 @@ def run(spec: dict) -> dict:
     meter = _cap(device, budget, model, method)
     try:
         with meter if isinstance(meter, EmulatedMeter) else _nothing(), method.context:
-            times, curve = _loop(spec, model, optimizer, method, device)
+            times, curve = _loop(spec, model, optimizer, method, device, meter)
     except (torch.OutOfMemoryError, OutOfBudget) as err:
         return dict(record, status="oom", message=str(err).splitlines()[0][:300])
     except BudgetTooSmall as err:
@@ -103,7 +103,7 @@ def _cap(device: torch.device, budget: int | None, model: nn.Module, method: Met
     return meter
 
 
-def _loop(spec, model, optimizer, method, device):
+def _loop(spec, model, optimizer, method, device, meter):
     """Warm-up steps, then timed steps; the memory curve of the last warm-up step if asked."""
     x = torch.randn(spec["batch"], 3, spec["image_size"], spec["image_size"], device=device)
     y = torch.randint(0, spec.get("classes", 1000), (spec["batch"],), device=device)
@@ -121,7 +121,7 @@ def _loop(spec, model, optimizer, method, device):
     curve = None
     for i in range(spec.get("warmup", 2)):
         if spec.get("trace") and i == spec.get("warmup", 2) - 1:
-            trace = _Trace(_reader(device, method))
+            trace = _Trace(method.session.meter if method.session else meter)
             with trace:
                 step()
             curve = trace.curve
@@ -131,12 +131,6 @@ def _loop(spec, model, optimizer, method, device):
     for _ in range(spec.get("iterations", 20)):
         times.append(_timed(step, device))
     return times, curve
-
-
-def _reader(device: torch.device, method: Method) -> DeviceMeter:
-    if method.session is not None and method.session.meter is not None:
-        return method.session.meter
-    return DeviceMeter.for_device(device)
 
 
 def _timed(step, device: torch.device) -> float:
