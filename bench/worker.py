@@ -7,6 +7,7 @@ prints one JSON line: the spec, what happened (``status``), and the measurements
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -64,7 +65,8 @@ def run(spec: dict) -> dict:
         return dict(record, status="unavailable", message=str(err))
     meter = _cap(device, budget, model, method)
     try:
-        with meter if isinstance(meter, EmulatedMeter) else _nothing(), method.context:
+        cap = meter if isinstance(meter, EmulatedMeter) else contextlib.nullcontext()
+        with cap, method.context:
             times, curve = _loop(spec, model, optimizer, method, device, meter)
     except (torch.OutOfMemoryError, OutOfBudget) as err:
         return dict(record, status="oom", message=str(err).splitlines()[0][:300])
@@ -145,13 +147,6 @@ def _timed(step, device: torch.device) -> float:
     end.synchronize()
     return start.elapsed_time(end) / 1e3
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ normal or by exception, it leaves the model and the process as it found them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -198,7 +199,8 @@ class Session:
         if key in self._executors:  # planned before (accumulation alternates two plans)
             self._switch_to(key)
             return
-        paused = self.meter.paused() if isinstance(self.meter, EmulatedMeter) else _nothing()
+        paused = self.meter.paused() if isinstance(self.meter, EmulatedMeter) else \
+            contextlib.nullcontext()
         self._planning = True
         try:
             with paused:
@@ -220,8 +222,7 @@ class Session:
                  plan.table())
 
     def _switch_to(self, key) -> None:
-        if self.executor is not None:
-            self.executor.synchronize()
+        # No synchronisation: copies in flight belong to their graphs and are stream-ordered.
         self.executor, self._planned_for = self._executors[key], key
         self.plan = self.executor.plan
         self.staging.stats.capacity = self.plan.staging_bytes  # the plan sized it
@@ -279,13 +280,6 @@ class Session:
             f"{format_bytes(self.executor.reused_bytes)} still on the device when needed",
         ])
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _device_of(model: nn.Module) -> torch.device:
