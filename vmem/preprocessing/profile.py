@@ -334,7 +334,7 @@ class _Recorder(TorchDispatchMode):
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.resident or self.backward:
+        if key in self.resident:
             return t
         if key not in self.saves:
             record = SavedStorage(storage.nbytes(), [], self.now, _NEVER, _NEVER, _NEVER)
@@ -406,8 +406,8 @@ class _Recorder(TorchDispatchMode):
         if seq == _NOT_IN_FORWARD:  # AccumulateGrad: the layer that owns the parameter
             variable = getattr(node, "variable", None)
             return None if variable is None else self.param_layer.get(_storage_key(variable))
-        if seq >= self.seq_end:
-            return None
+        if seq >= self.seq_end:  # the loss's, or a layer's own autograd inside its backward
+            return self.open
         return bisect.bisect_right(self.seq_starts, seq) - 1
 
     def times(self) -> tuple[dict[int, float], dict[int, float]]:
@@ -491,9 +491,11 @@ def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, rec
     args, kwargs = inputs
     handles = recorder.hook(model)
     try:
-        with meter or contextlib.nullcontext(), recorder, \
-                torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
-            out = torch.func.functional_call(model, tensors, args, kwargs)
+        with meter or contextlib.nullcontext(), recorder:
+            # Hooks around forward only, as the session's: unpack stays with each save, and a
+            # layer recomputing inside its backward (a split run) saves without them.
+            with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+                out = torch.func.functional_call(model, tensors, args, kwargs)
             recorder.end_forward()
             loss = sum(t.float().sum() for t in tree_flatten(out)[0]
                        if isinstance(t, torch.Tensor) and t.requires_grad)
