@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU acceptance runs, for a session that is lent a GPU (the device tool), in stages that
 # each fit one 10-minute call. Run from the repository root on the GPU machine:
-#   bash bench/gpu_acceptance.sh tests|profile|demo|throughput|maxbatch
+#   bash bench/gpu_acceptance.sh tests|profile|demo|throughput|maxbatch|split
 # Output goes to $OUT (or ./gpu-results); commit what matters to bench/results/.
 set -euo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -35,5 +35,10 @@ PY
   maxbatch)    # the largest batch per method and budget (long: run per model)
     python -m bench --models "${2:-resnet50}" --batch 128 --budgets 4GiB,8GiB,16GiB \
         --iterations 3 --max-batch --out "$out/bench-max" | tee "$out/maxbatch.txt" ;;
-  *) echo "unknown stage $1: tests, profile, demo, throughput or maxbatch" >&2; exit 2 ;;
+  split)       # VGG-16 batch 256, 224x224, fp32 within 4 GiB (feature-map splitting), 5 steps
+    python -m vmem plan --model vgg16 --batch 256 --budget 4GiB | tee "$out/split-plan.txt"
+    python -m bench --models vgg16 --batch 256 --budgets 4GiB --methods vmem-auto \
+        --iterations 5 --warmup 1 --out "$out/bench-split" | tee "$out/split.txt" ;;
+  *) echo "unknown stage $1: tests, profile, demo, throughput, maxbatch or split" >&2
+     exit 2 ;;
 esac

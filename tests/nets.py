@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from vmem.models.resnet import BasicBlock
+from vmem.models.vgg import _make_features
 
 SHAPE = (8, 3, 32, 32)  # the batch every test trains on
 
@@ -58,9 +59,23 @@ class SavedTwiceToy(nn.Module):
         return self.fc(torch.flatten(d, 1))
 
 
+class SmallVGG16(nn.Module):
+    """VGG-16-BN's thirteen convolutions and five pools, at an eighth of the channels."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        config = [8, 8, "M", 16, 16, "M", 32, 32, 32, "M", 64, 64, 64, "M", 64, 64, 64, "M"]
+        self.features = _make_features(config, batch_norm=True)
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, x):  # (N, 3, 32k, 32k)
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
 NETS = {"resnet": SmallResNet, "vgg_bn": SmallVGGBN, "saved_twice": SavedTwiceToy}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return NETS[name]()
+    return {**NETS, "vgg16": SmallVGG16}[name]()

@@ -21,12 +21,29 @@ def test_profile_json_is_machine_readable(capsys):
     assert data["peak_bytes"] > data["param_bytes"] and data["totals"]["saved_bytes"] > 0
 
 
+def test_plan_splits_where_offloading_alone_cannot_fit(capsys):
+    argv = ["plan", "--model", "vgg11", "--batch", "32", "--image-size", "128",
+            "--optimizer", "none", "--device", "cpu"]
+    assert main([*argv, "--budget", "1.25GiB"]) == 0  # offloading alone: 1.43 GiB
+    out = capsys.readouterr().out
+    assert "split runs, exact" in out and "features[0:3]" in out and "predicted peak" in out
+    main([*argv, "--budget", "1.25GiB", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["splits"] and plan["predicted_peak"] <= plan["target"]
+    main([*argv, "--budget", "2GiB", "--json"])
+    assert not json.loads(capsys.readouterr().out)["splits"]  # it fits without splitting
+
+
 @pytest.mark.parametrize("argv, message", [
     (["profile", "--model", "resnet51"], "unknown model 'resnet51'"),
     (["profile", "--model", "vgg16", "--batch", "0"], "--batch: '0' is not a positive integer"),
     (["profile", "--model", "vgg16", "--image-size", "x"], "--image-size: 'x'"),
     (["profile", "--model", "vgg16", "--image-size", "8"], "cannot run on input"),
     (["profile", "--model", "vgg16", "--device", "tpu9"], "is not a device"),
+    (["plan", "--model", "vgg11", "--batch", "2", "--budget", "0.5"], "give bytes or a size"),
+    (["plan", "--model", "vgg11", "--batch", "2", "--budget", "lots"], "is not a size"),
+    (["plan", "--model", "vgg11", "--batch", "32", "--image-size", "128", "--budget", "1.25GiB",
+      "--split", "1", "--device", "cpu", "--optimizer", "none"], "is too small"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message):
     result = subprocess.run([sys.executable, "-m", "vmem", *argv], capture_output=True,

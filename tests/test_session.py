@@ -38,7 +38,7 @@ def minimum_budget(name: str, policy: str) -> int:
     model = build(name)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with pytest.raises(BudgetTooSmall) as info:  # planned up front from the sample
-        with vmem.session(model, optimizer=opt, budget=1, policy=policy,
+        with vmem.session(model, optimizer=opt, budget=1, policy=policy, split=1,
                           sample=torch.randn(SHAPE)):
             pass
     return info.value.minimum
@@ -93,7 +93,7 @@ def test_below_minimum_raises_before_the_first_step(name):
     model = build(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(BudgetTooSmall) as info:
-        train(model, budget=low - 4096, policy="auto")
+        train(model, budget=low - 4096, policy="auto", split=1)
     err = info.value
     assert err.minimum == low and err.layer and str(low) in str(err)
     assert all(p.grad is None for p in model.parameters())

@@ -1,6 +1,7 @@
-"""``python -m vmem``: profile a network, or run the demo.
+"""``python -m vmem``: profile a network, plan it for a budget, or run the demo.
 
     python -m vmem profile --model resnet50 --batch 256 --image-size 224 [--json]
+    python -m vmem plan --model vgg16 --batch 256 --budget 4GiB [--policy auto] [--json]
     python -m vmem demo
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import models
-from .config import LOG_LEVELS
+from .config import LOG_LEVELS, POLICIES, parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +64,23 @@ def _build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--device", default="meta",
                          help="meta (shape only, the default), cpu or cuda (also timed)")
     profile.add_argument("--json", action="store_true", help="machine-readable output")
+    plan = commands.add_parser("plan", help="plan a reference model for a device budget "
+                               "(shape-only: allocates nothing)")
+    plan.add_argument("--model", type=_model, required=True, help="e.g. resnet50, vgg16")
+    plan.add_argument("--batch", type=_positive, default=32)
+    plan.add_argument("--image-size", type=_positive, default=224)
+    plan.add_argument("--classes", type=_positive, default=1000)
+    plan.add_argument("--dtype", type=_dtype, default=torch.float32, help="fp32, bf16, fp16")
+    plan.add_argument("--budget", required=True, help="device budget, e.g. 4GiB or 8000MB")
+    plan.add_argument("--policy", choices=POLICIES, default="auto")
+    plan.add_argument("--optimizer", choices=["sgd", "adam", "none"], default="sgd",
+                      help="whose state the budget holds too: sgd (momentum), adam, none")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                      help="the device planned for, whose headroom is kept: cuda (5%% + 256 "
+                      "MiB) or cpu, the emulated device (2%%)")
+    plan.add_argument("--split", type=_positive, default=None,
+                      help="most parts per split run (1: never split); default 32")
+    plan.add_argument("--json", action="store_true", help="the plan as JSON")
     demo = commands.add_parser("demo", help="the main job: profile and train under the meter")
     demo.add_argument("--steps", type=_positive, default=4)
     return parser
@@ -90,6 +108,35 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .control.planner import headroom_for
+    from .control.splitting import MAX_PARTS
+    from .planning import plan_model
+    from .preprocessing.optimizer import profile_optimizer
+
+    budget = parse_size(args.budget, "--budget")
+    if isinstance(budget, float):
+        raise ValueError(f"--budget {args.budget!r}: give bytes or a size such as 4GiB (a "
+                         "fraction needs a device)")
+    with torch.device("meta"):
+        model = models.get(args.model, num_classes=args.classes).to(args.dtype)
+    optimizers = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                  "adam": lambda p: torch.optim.Adam(p), "none": None}
+    make = optimizers[args.optimizer]
+    optimizer = profile_optimizer(make(model.parameters())) if make else None
+    x = torch.empty(args.batch, 3, args.image_size, args.image_size, device="meta",
+                    dtype=args.dtype)
+    try:
+        plan, _ = plan_model(model, (x,), budget=budget, policy=args.policy,
+                             headroom=headroom_for(args.device), optimizer=optimizer,
+                             max_parts=args.split or MAX_PARTS)
+    except RuntimeError as err:  # e.g. an image too small for the network's pooling
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{args.model} cannot run on input {list(x.shape)}: {first}") from None
+    print(plan.to_json(indent=1) if args.json else plan.table())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m vmem`` and the ``vmem`` script."""
     parser = _build_parser()
@@ -100,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "profile":
             return _profile(args)
+        if args.command == "plan":
+            return _plan(args)
         from .demo import run_demo
 
         return run_demo(steps=args.steps)

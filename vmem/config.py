@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["Config", "parse_size", "POLICIES", "BACKENDS", "LOG_LEVELS"]
 
-POLICIES = ("auto", "none", "vdnn_all", "vdnn_conv")
+POLICIES = ("auto", "none", "vdnn_all", "vdnn_conv", "split_approx")
 BACKENDS = ("auto", "native", "cupy", "torch")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -97,9 +97,13 @@ class Config:
     # VMEM_HOST_BUDGET.
     host_budget: int | float | None = None
     # Which saved tensors to offload: auto (the planner), none, vdnn_all (every saved
-    # activation), vdnn_conv (convolution inputs only); None: auto when there is a budget,
+    # activation), vdnn_conv (convolution inputs only), split_approx (auto, with Split-CNN's
+    # approximate splitting, which changes the function); None: auto when there is a budget,
     # otherwise vmem changes nothing. VMEM_POLICY.
     policy: str | None = None
+    # Most parts a run of layers is split into when offloading alone does not fit (auto and
+    # split_approx); 1 never splits (bit-identical results); None: 32. VMEM_SPLIT.
+    split: int | None = None
     # How many segments ahead of backward to prefetch; None lets the planner choose.
     # VMEM_PREFETCH_DEPTH.
     prefetch_depth: int | None = None
@@ -114,6 +118,7 @@ class Config:
         "device_budget": "VMEM_DEVICE_BUDGET",
         "host_budget": "VMEM_HOST_BUDGET",
         "policy": "VMEM_POLICY",
+        "split": "VMEM_SPLIT",
         "prefetch_depth": "VMEM_PREFETCH_DEPTH",
         "backend": "VMEM_BACKEND",
         "report": "VMEM_REPORT",
@@ -125,6 +130,7 @@ class Config:
         self._check("host_budget", lambda v, n: parse_size(v, n), optional=True)
         self._check("policy", lambda v, n: _choice(v, n, POLICIES), optional=True)
         self._check("prefetch_depth", _positive_int, optional=True)
+        self._check("split", _positive_int, optional=True)
         self._check("backend", lambda v, n: _choice(v, n, BACKENDS))
         self._check("log", lambda v, n: _choice(str(v).lower(), n, LOG_LEVELS))
 

@@ -19,12 +19,15 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .config import Config, parse_size
-from .control import Plan, make_plan
+from .control import Plan
 from .control.planner import headroom_for
+from .control.splitting import MAX_PARTS
 from .errors import format_bytes
 from .feedforward import HostPool, OffloadExecutor, StagingPool, TransferCounters
+from .feedforward.split_runs import Splits
+from .feedforward.stream import HostStash
 from .meter import CudaMeter, DeviceMeter, EmulatedMeter
-from .preprocessing import profile_network
+from .planning import plan_model
 from .preprocessing.hardware import detect_hardware
 from .preprocessing.optimizer import profile_optimizer
 from .transfer import make_backend
@@ -45,12 +48,15 @@ def session(model: nn.Module, *, budget: int | float | str | None = None,
         budget: bytes, a size (``"8GiB"``) or a fraction of device memory (``0.5``);
             default ``VMEM_DEVICE_BUDGET``. With neither a budget nor a policy the session
             changes nothing.
-        policy: ``auto`` (default with a budget), ``none``, ``vdnn_all`` or ``vdnn_conv``;
-            default ``VMEM_POLICY``.
+        policy: ``auto`` (default with a budget), ``none``, ``vdnn_all``, ``vdnn_conv`` or
+            ``split_approx``; default ``VMEM_POLICY``. When no offload plan fits, ``auto``
+            splits runs of convolutional layers into parts, exactly (the model computes the
+            same function); ``split_approx`` does the same with Split-CNN's independent
+            patches, which is cheaper but **changes the model's function**; opt in knowingly.
         optimizer: counted in the budget (its state and its step's peak) when given.
         sample: an input batch to plan from before the first forward.
-        **config: any other :class:`vmem.Config` field (``host_budget``, ``prefetch_depth``,
-            ``backend``, ``report``, ``log``).
+        **config: any other :class:`vmem.Config` field (``host_budget``, ``split``,
+            ``prefetch_depth``, ``backend``, ``report``, ``log``).
 
     Raises:
         vmem.BudgetTooSmall: no plan fits; raised before the first step runs.
@@ -90,6 +96,8 @@ class Session:
         self.measured_peak: int | None = None
         self.executor: OffloadExecutor | None = None
         self._executors: dict = {}  # one per input signature (shapes, dtypes, gradients held)
+        self._splits: dict = {}  # the split runs each signature's plan chose, or None
+        self._active_splits: Splits | None = None
         self._counters = TransferCounters()
         self._handles: list = []
         self._saved_hooks = None
@@ -152,6 +160,7 @@ class Session:
             handle.remove()
         self._handles = []
         self._exit_saved_hooks()
+        self._use_splits(None)
         if self.executor is not None:
             self.executor.synchronize()
         if getattr(self, "host_pool", None) is not None:
@@ -204,25 +213,46 @@ class Session:
         self._planning = True
         try:
             with paused:
-                profile = profile_network(self.model, inputs=args, kwargs=kwargs,
-                                          dtype=_parameter_dtype(self.model),
-                                          name=type(self.model).__name__)
-                optimizer = profile_optimizer(self.optimizer) if self.optimizer else None
-                plan = make_plan(profile, budget=self.budget, policy=self.policy,
-                                 prefetch_distance=self.config.prefetch_depth,
-                                 optimizer=optimizer, gradients_held=gradients_held,
-                                 headroom=headroom_for(self.device.type))
+                plan, splits = self._make_plan(args, kwargs, gradients_held)
         finally:
             self._planning = False
         self._executors[key] = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
                                                self.staging, _resident_keys(self.model, inputs),
                                                self._counters)
+        self._splits[key] = splits
         self._switch_to(key)
         log.info("vmem: planned for inputs %s:\n%s", [list(t.shape) for t in inputs],
                  plan.table())
 
+    def _make_plan(self, args, kwargs, gradients_held) -> tuple[Plan, Splits | None]:
+        """The plan, and the split runs it needs (None when offloading suffices)."""
+        self._use_splits(None)  # another signature's splits; _switch_to puts the right ones
+        # The model's own forward has started (we run in its pre-hook), so only runs in its
+        # submodules can be split.
+        plan, choices = plan_model(
+            self.model, args, kwargs, budget=self.budget, policy=self.policy,
+            headroom=headroom_for(self.device.type),
+            optimizer=profile_optimizer(self.optimizer) if self.optimizer else None,
+            gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
+            max_parts=self.config.split or MAX_PARTS, top_level_runs=False)
+        if not choices:
+            return plan, None
+        stash = HostStash(self.backend, self.host_pool, self.device)
+        return plan, Splits(self.model, choices, plan.approximate, stash)
+
+    def _use_splits(self, splits: Splits | None) -> None:
+        if splits is self._active_splits:
+            return
+        if self._active_splits is not None:
+            self._active_splits.__exit__(None, None, None)
+        self._active_splits = None
+        if splits is not None:
+            splits.__enter__()
+            self._active_splits = splits
+
     def _switch_to(self, key) -> None:
         # No synchronisation: copies in flight belong to their graphs and are stream-ordered.
+        self._use_splits(self._splits[key])
         self.executor, self._planned_for = self._executors[key], key
         self.plan = self.executor.plan
         self.staging.stats.capacity = self.plan.staging_bytes  # the plan sized it
@@ -292,10 +322,6 @@ def _resident_keys(model: nn.Module, inputs: list[torch.Tensor]) -> set[int]:
     """Storages that never leave the device: parameters, buffers, the forward's inputs."""
     return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(),
                                                   *inputs]}
-
-
-def _parameter_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _held_tensors(model: nn.Module, optimizer) -> Iterable[torch.Tensor]:

@@ -7,7 +7,7 @@ import json
 
 from ..errors import format_bytes
 
-__all__ = ["Plan", "SaveDecision", "SegmentPlan", "KEEP", "OFFLOAD"]
+__all__ = ["Plan", "SaveDecision", "SegmentPlan", "SplitDecision", "KEEP", "OFFLOAD"]
 
 KEEP, OFFLOAD = "keep", "offload"
 
@@ -33,6 +33,18 @@ class SegmentPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitDecision:
+    """A run of layers executed in parts (mmCNN's Self Part Number)."""
+
+    run: str  # e.g. "features[0:7]": children 0 to 6 of the Sequential ``features``
+    parts: int
+    axis: int  # 0: batch, 2: height, 3: width
+    memmax_before: int  # peak device bytes while the run's layers work, unsplit, plain
+    memmax_after: int  # the same, split
+    streamed_bytes: int = 0  # its input, kept in the host pool for backward (not on device)
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """What to offload and how far ahead to prefetch, with the predicted peak.
 
@@ -55,16 +67,25 @@ class Plan:
     plain_peak: int  # the same with nothing offloaded
     staging_bytes: int  # most bytes fetched back and not yet freed (the staging pool)
     resident_bytes: int  # added to the profile's curve: optimizer state, gradients if held
+    splits: list[SplitDecision] = dataclasses.field(default_factory=list)
+    approximate: bool = False  # splits are Split-CNN's, which change the function
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "saves", [s if isinstance(s, SaveDecision)
                                            else SaveDecision(**s) for s in self.saves])
         object.__setattr__(self, "segments", [s if isinstance(s, SegmentPlan)
                                               else SegmentPlan(**s) for s in self.segments])
+        object.__setattr__(self, "splits", [s if isinstance(s, SplitDecision)
+                                            else SplitDecision(**s) for s in self.splits])
 
     @property
     def offloaded_bytes(self) -> int:
         return sum(s.nbytes for s in self.saves if s.action == OFFLOAD)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes of split runs' inputs that stream through the host pool each step."""
+        return sum(s.streamed_bytes for s in self.splits)
 
     @property
     def offloaded(self) -> int:
@@ -86,6 +107,18 @@ class Plan:
             rows.append(f"{seg.index:>4}  {seg.first_layer[-26:]:<26} {seg.layers:>6} "
                         f"{format_bytes(seg.memmax_plain):>13} {format_bytes(seg.memmax):>11} "
                         f"{format_bytes(seg.offloaded_bytes):>11}")
+        if self.splits:
+            kind = "approximate (Split-CNN, changes the function)" if self.approximate else \
+                "exact"
+            rows += ["", f"split runs, {kind}:",
+                     f"{'run':<24} {'parts':>5} {'axis':>6} {'Memmax unsplit':>15} "
+                     f"{'split':>11} {'streamed':>11}"]
+            for split in self.splits:
+                axis = {0: "batch", 2: "height", 3: "width"}[split.axis]
+                rows.append(f"{split.run[-24:]:<24} {split.parts:>5} {axis:>6} "
+                            f"{format_bytes(split.memmax_before):>15} "
+                            f"{format_bytes(split.memmax_after):>11} "
+                            f"{format_bytes(split.streamed_bytes):>11}")
         budget = "none" if self.budget is None else \
             f"{format_bytes(self.budget)} (target {format_bytes(self.target)}, headroom " \
             f"{format_bytes(self.headroom)})"

@@ -12,7 +12,8 @@ from ..preprocessing.profile import LayerProfile
 __all__ = ["CONV_KINDS", "segment_of_layers"]
 
 CONV_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-                        "ConvTranspose3d"})
+                        "ConvTranspose3d",
+                        "SplitRun"})  # convolutions run split (vmem.feedforward.split_runs)
 
 
 def segment_of_layers(layers: list[LayerProfile]) -> list[int]:

@@ -117,7 +117,7 @@ class OffloadExecutor:
         self.layer = "-"  # the layer of the latest tracked save, for error messages
         self._warned = False
         self.start_forward(resident)
-        host_pool.reserve(plan.offloaded_bytes)
+        host_pool.reserve(plan.offloaded_bytes + plan.streamed_bytes)
 
     def start_forward(self, resident: set[int]) -> None:
         """Reset the per-step state as the model's forward begins; ``resident`` are the

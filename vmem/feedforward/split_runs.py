@@ -1,0 +1,170 @@
+"""Split runs: where a model's layers can run split, and running them so during a session.
+
+A *run* is a stretch of consecutive children of an ``nn.Sequential`` that :mod:`.split` can
+split (convolutions, BatchNorm, pointwise layers, max pooling), ending after each pooling
+layer, so that a VGG block is one run and its halo stays a few rows. :class:`Splits` makes
+chosen runs execute in parts: it gives each such ``Sequential`` a parameterless
+:class:`SplitRun` child per run and a ``forward`` that calls it in place of the run's layers,
+and takes both away again. Parameters, buffers and ``state_dict`` never change; the
+profiler sees each split run as one layer, named ``<sequential>.vmem_split_<start>_<stop>``.
+
+Example::
+
+    >>> import torch
+    >>> from vmem import models
+    >>> model = models.vgg11(num_classes=10).eval()  # eval: no dropout in the classifier
+    >>> runs = find_runs(model)
+    >>> [r.name for r in runs][:2]
+    ['features[0:3]', 'features[3:6]']
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> with Splits(model, {r: (4, 2) for r in runs}):
+    ...     out = model(x)
+    >>> torch.allclose(out, model(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import torch
+from torch import nn
+
+from .split import BATCH, check_splittable, split_forward
+
+__all__ = ["Run", "SplitRun", "Splits", "find_runs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Children ``[start, stop)`` of the ``nn.Sequential`` named ``container``."""
+
+    container: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.container}[{self.start}:{self.stop}]"
+
+    @property
+    def module_name(self) -> str:
+        """The profiled layer's name while the run is split."""
+        prefix = f"{self.container}." if self.container else ""
+        return f"{prefix}vmem_split_{self.start}_{self.stop}"
+
+    def layer_names(self) -> list[str]:
+        """The run's layers' names in a profile of the unsplit model."""
+        prefix = f"{self.container}." if self.container else ""
+        return [f"{prefix}{i}" for i in range(self.start, self.stop)]
+
+
+def _splittable(layer: nn.Module) -> bool:
+    try:
+        check_splittable([layer], BATCH)
+    except ValueError:
+        return False
+    return True
+
+
+def find_runs(model: nn.Module) -> list[Run]:
+    """Every run of ``model``, in module order (see the module docstring)."""
+    runs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        start = None
+        children = list(module)
+        for index, layer in enumerate([*children, None]):
+            if layer is not None and _splittable(layer):
+                start = index if start is None else start
+                if not isinstance(layer, nn.MaxPool2d):
+                    continue
+                index += 1  # the pooling layer closes the run
+            if start is not None and any(isinstance(c, nn.Conv2d)
+                                         for c in children[start:index]):
+                runs.append(Run(name, start, index))
+            start = None
+    return runs
+
+
+class SplitRun(nn.Module):
+    """Runs its layers in ``parts`` parts along ``axis``; holds them in a plain list, so it
+    adds no parameters and is a leaf to module hooks."""
+
+    def __init__(self, layers: list[nn.Module], parts: int, axis: int,
+                 approximate: bool = False, stash=None) -> None:
+        super().__init__()
+        self.layers, self.parts, self.axis, self.approximate = layers, parts, axis, approximate
+        self.stash = stash
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_forward(self.layers, x, self.parts, self.axis,
+                             approximate=self.approximate, stash=self.stash)
+
+    def extra_repr(self) -> str:
+        mode = ", approximate" if self.approximate else ""
+        return f"{len(self.layers)} layers, parts={self.parts}, axis={self.axis}{mode}"
+
+
+def _sequential_forward(children: list[nn.Module], runs: dict[int, tuple[int, SplitRun]]):
+    def forward(self, x):
+        index = 0
+        while index < len(children):
+            if index in runs:
+                index, run = runs[index]
+                x = run(x)
+            else:
+                x = children[index](x)
+                index += 1
+        return x
+    return forward
+
+
+class Splits:
+    """Context manager: the chosen runs of ``model`` execute split while it is entered.
+
+    ``choices`` maps each :class:`Run` to split to ``(parts, axis)``; runs with one part stay
+    as they are. ``stash``: where split runs keep their input for backward
+    (:mod:`.stream`); None keeps it on the device."""
+
+    def __init__(self, model: nn.Module, choices: dict[Run, tuple[int, int]],
+                 approximate: bool = False, stash=None) -> None:
+        self.model, self.approximate, self.stash = model, approximate, stash
+        self.choices = {run: c for run, c in choices.items() if c[0] > 1}
+        self._installed: list[tuple[nn.Sequential, list[str]]] = []
+
+    def __enter__(self) -> Splits:
+        by_container: dict[str, list[Run]] = {}
+        for run in self.choices:
+            by_container.setdefault(run.container, []).append(run)
+        try:
+            for container, runs in by_container.items():
+                self._install(self.model.get_submodule(container), runs)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _install(self, sequential: nn.Sequential, runs: list[Run]) -> None:
+        children = list(sequential)
+        table, names = {}, []
+        for run in sorted(runs, key=lambda r: r.start):
+            parts, axis = self.choices[run]
+            layers = children[run.start:run.stop]
+            check_splittable(layers, axis)
+            split = SplitRun(layers, parts, axis, self.approximate, self.stash)
+            name = run.module_name.rsplit(".", 1)[-1]
+            sequential.add_module(name, split)
+            names.append(name)
+            table[run.start] = (run.stop, split)
+        sequential.forward = types.MethodType(_sequential_forward(children, table), sequential)
+        self._installed.append((sequential, names))
+
+    def __exit__(self, *exc) -> None:
+        for sequential, names in self._installed:
+            for name in names:
+                del sequential._modules[name]
+            sequential.__dict__.pop("forward", None)
+        self._installed = []
