@@ -26,7 +26,8 @@ def test_plan_splits_where_offloading_alone_cannot_fit(capsys):
             "--optimizer", "none", "--device", "cpu"]
     assert main([*argv, "--budget", "1.25GiB"]) == 0  # offloading alone: 1.43 GiB
     out = capsys.readouterr().out
-    assert "split runs, exact" in out and "features[0:3]" in out and "predicted peak" in out
+    assert "runs split or recomputed, exact" in out and "features[0:3]" in out
+    assert "predicted peak" in out
     main([*argv, "--budget", "1.25GiB", "--json"])
     plan = json.loads(capsys.readouterr().out)
     assert plan["splits"] and plan["predicted_peak"] <= plan["target"]

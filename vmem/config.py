@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["Config", "parse_size", "POLICIES", "BACKENDS", "LOG_LEVELS"]
 
-POLICIES = ("auto", "none", "vdnn_all", "vdnn_conv", "split_approx")
+POLICIES = ("auto", "none", "vdnn_all", "vdnn_conv", "recompute", "split_approx")
 BACKENDS = ("auto", "native", "cupy", "torch")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -97,7 +97,8 @@ class Config:
     # VMEM_HOST_BUDGET.
     host_budget: int | float | None = None
     # Which saved tensors to offload: auto (the planner), none, vdnn_all (every saved
-    # activation), vdnn_conv (convolution inputs only), split_approx (auto, with Split-CNN's
+    # activation), vdnn_conv (convolution inputs only), recompute (every run of convolution
+    # layers recomputed in backward from its input), split_approx (auto, with Split-CNN's
     # approximate splitting, which changes the function); None: auto when there is a budget,
     # otherwise vmem changes nothing. VMEM_POLICY.
     policy: str | None = None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .control import Plan, make_plan
-from .control.splitting import MAX_PARTS, choose_splits
+from .control.splitting import MAX_PARTS, choose_splits, decisions
 from .errors import BudgetTooSmall, format_bytes
 from .feedforward.split_runs import Splits, find_runs
 from .feedforward.stream import ShapeStash
@@ -34,8 +34,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     """The plan for one training step of ``model(*args, **kwargs)`` and the split choices
     ``{run: (parts, axis)}`` it needs (empty when offloading suffices).
 
-    ``policy``: ``auto``, ``none``, ``vdnn_all``, ``vdnn_conv`` or ``split_approx``; only
-    ``auto`` and ``split_approx`` split, and only up to ``max_parts`` parts (1: never).
+    ``policy``: ``auto``, ``none``, ``vdnn_all``, ``vdnn_conv``, ``recompute`` (every run
+    recomputed in backward, nothing offloaded) or ``split_approx``; only ``auto`` and
+    ``split_approx`` split, and only up to ``max_parts`` parts (1: never).
     ``top_level_runs``: whether runs that are children of ``model`` itself may be split (not
     when planning inside the model's own forward pre-hook, as the session does: its forward
     has already been looked up).
@@ -70,6 +71,13 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                          gradients_held=gradients_held, headroom=headroom)
 
     unsplit = profile_of({})
+    if policy == "recompute":
+        choices = {run: (1, 0) for run in find_runs(model) if top_level_runs or run.container}
+        profile = profile_of(choices)
+        plan = make_plan(profile, budget=budget, policy="none", optimizer=optimizer,
+                         gradients_held=gradients_held, headroom=headroom)
+        return dataclasses.replace(plan, policy=policy,
+                                   splits=decisions(choices, unsplit, profile)), choices
     try:
         return plan_of(unsplit), {}
     except BudgetTooSmall:

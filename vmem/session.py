@@ -48,11 +48,12 @@ def session(model: nn.Module, *, budget: int | float | str | None = None,
         budget: bytes, a size (``"8GiB"``) or a fraction of device memory (``0.5``);
             default ``VMEM_DEVICE_BUDGET``. With neither a budget nor a policy the session
             changes nothing.
-        policy: ``auto`` (default with a budget), ``none``, ``vdnn_all``, ``vdnn_conv`` or
-            ``split_approx``; default ``VMEM_POLICY``. When no offload plan fits, ``auto``
-            splits runs of convolutional layers into parts, exactly (the model computes the
-            same function); ``split_approx`` does the same with Split-CNN's independent
-            patches, which is cheaper but **changes the model's function**; opt in knowingly.
+        policy: ``auto`` (default with a budget), ``none``, ``vdnn_all``, ``vdnn_conv``,
+            ``recompute`` or ``split_approx``; default ``VMEM_POLICY``. When no offload plan
+            fits, ``auto`` splits runs of convolutional layers into parts, exactly (the
+            model computes the same function); ``split_approx`` does the same with
+            Split-CNN's independent patches, which is cheaper but **changes the model's
+            function**; opt in knowingly.
         optimizer: counted in the budget (its state and its step's peak) when given.
         sample: an input batch to plan from before the first forward.
         **config: any other :class:`vmem.Config` field (``host_budget``, ``split``,

@@ -44,7 +44,7 @@ def test_splits_fit_where_offloading_cannot():
     assert plan.splits and all(s.memmax_after < s.memmax_before for s in plan.splits)
     assert all(s.parts == choices[r][0] for s, r in zip(plan.splits, choices, strict=False))
     assert profiled[0] == {r: (2, 0) for r in choices}  # uniform first, batch axis
-    assert "split runs, exact" in plan.table()
+    assert "runs split or recomputed, exact" in plan.table()
 
 
 def test_budget_too_small_even_split_names_a_lower_minimum():

@@ -37,7 +37,7 @@ class SplitDecision:
     """A run of layers executed in parts (mmCNN's Self Part Number)."""
 
     run: str  # e.g. "features[0:7]": children 0 to 6 of the Sequential ``features``
-    parts: int
+    parts: int  # 1: not split but recomputed whole in backward
     axis: int  # 0: batch, 2: height, 3: width
     memmax_before: int  # peak device bytes while the run's layers work, unsplit, plain
     memmax_after: int  # the same, split
@@ -110,12 +110,13 @@ class Plan:
         if self.splits:
             kind = "approximate (Split-CNN, changes the function)" if self.approximate else \
                 "exact"
-            rows += ["", f"split runs, {kind}:",
-                     f"{'run':<24} {'parts':>5} {'axis':>6} {'Memmax unsplit':>15} "
+            rows += ["", f"runs split or recomputed, {kind}:",
+                     f"{'run':<24} {'parts':>5} {'axis':>9} {'Memmax unsplit':>15} "
                      f"{'split':>11} {'streamed':>11}"]
             for split in self.splits:
-                axis = {0: "batch", 2: "height", 3: "width"}[split.axis]
-                rows.append(f"{split.run[-24:]:<24} {split.parts:>5} {axis:>6} "
+                axis = "recompute" if split.parts == 1 else \
+                    {0: "batch", 2: "height", 3: "width"}[split.axis]
+                rows.append(f"{split.run[-24:]:<24} {split.parts:>5} {axis:>9} "
                             f"{format_bytes(split.memmax_before):>15} "
                             f"{format_bytes(split.memmax_after):>11} "
                             f"{format_bytes(split.streamed_bytes):>11}")

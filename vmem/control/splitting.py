@@ -28,7 +28,7 @@ from ..errors import BudgetTooSmall
 from ..preprocessing.profile import NetworkProfile
 from .plan import Plan, SplitDecision
 
-__all__ = ["MAX_PARTS", "choose_splits", "run_memmax"]
+__all__ = ["MAX_PARTS", "choose_splits", "decisions", "run_memmax"]
 
 log = logging.getLogger("vmem")
 
@@ -99,15 +99,21 @@ def choose_splits(runs: list, profile_of: Profiler, plan_of: Planner, unsplit: N
         fits = [p for p in sorted(profiles)
                 if run_memmax(profiles[p], _run_layers(run, p)) <= plan.target]
         fewest[run] = min(fits, default=parts)
-    mixed = {run: (p, _axis(p, batch)) for run, p in fewest.items()}
+    mixed = {run: (p, _axis(p, batch)) for run, p in fewest.items() if p > 1}
     if mixed != choices:
         mixed_profile = profile_of(mixed)
         try:
             plan, profile, choices = plan_of(mixed_profile), mixed_profile, mixed
         except BudgetTooSmall:
             pass  # the uniform split fits
-    decisions = [SplitDecision(run.name, p, axis, run_memmax(unsplit, _run_layers(run, 1)),
-                               run_memmax(profile, _run_layers(run, p)),
-                               _streamed_bytes(profile, run.module_name))
-                 for run, (p, axis) in choices.items() if p > 1]
-    return dataclasses.replace(plan, splits=decisions), choices
+    return dataclasses.replace(plan, splits=decisions(choices, unsplit, profile)), choices
+
+
+def decisions(choices: dict, unsplit: NetworkProfile,
+              profile: NetworkProfile) -> list[SplitDecision]:
+    """What the plan reports of each chosen run: parts, axis, Memmax in ``unsplit`` and in
+    ``profile`` (the model so split), the bytes its input streams through the host."""
+    return [SplitDecision(run.name, p, axis, run_memmax(unsplit, _run_layers(run, 1)),
+                          run_memmax(profile, {run.module_name}),
+                          _streamed_bytes(profile, run.module_name) if p > 1 else 0)
+            for run, (p, axis) in choices.items()]

@@ -31,6 +31,7 @@ import types
 import torch
 from torch import nn
 
+from .recompute import recompute_forward
 from .split import BATCH, check_splittable, split_forward
 
 __all__ = ["Run", "SplitRun", "Splits", "find_runs"]
@@ -90,8 +91,9 @@ def find_runs(model: nn.Module) -> list[Run]:
 
 
 class SplitRun(nn.Module):
-    """Runs its layers in ``parts`` parts along ``axis``; holds them in a plain list, so it
-    adds no parameters and is a leaf to module hooks."""
+    """Runs its layers in ``parts`` parts along ``axis``, or, with one part, recomputes
+    them in backward (:mod:`.recompute`); holds them in a plain list, so it adds no
+    parameters and is a leaf to module hooks."""
 
     def __init__(self, layers: list[nn.Module], parts: int, axis: int,
                  approximate: bool = False, stash=None) -> None:
@@ -100,6 +102,8 @@ class SplitRun(nn.Module):
         self.stash = stash
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parts == 1:  # its input is an ordinary save: the plan may offload it
+            return recompute_forward(self.layers, x)
         return split_forward(self.layers, x, self.parts, self.axis,
                              approximate=self.approximate, stash=self.stash)
 
@@ -125,14 +129,14 @@ def _sequential_forward(children: list[nn.Module], runs: dict[int, tuple[int, Sp
 class Splits:
     """Context manager: the chosen runs of ``model`` execute split while it is entered.
 
-    ``choices`` maps each :class:`Run` to split to ``(parts, axis)``; runs with one part stay
-    as they are. ``stash``: where split runs keep their input for backward
-    (:mod:`.stream`); None keeps it on the device."""
+    ``choices`` maps each :class:`Run` to split to ``(parts, axis)``, one part meaning
+    recomputed whole; runs not in it stay as they are. ``stash``: where split runs keep
+    their input for backward (:mod:`.stream`); None keeps it on the device."""
 
     def __init__(self, model: nn.Module, choices: dict[Run, tuple[int, int]],
                  approximate: bool = False, stash=None) -> None:
         self.model, self.approximate, self.stash = model, approximate, stash
-        self.choices = {run: c for run, c in choices.items() if c[0] > 1}
+        self.choices = dict(choices)
         self._installed: list[tuple[nn.Sequential, list[str]]] = []
 
     def __enter__(self) -> Splits:
