@@ -2,6 +2,7 @@
 
     python -m vmem profile --model resnet50 --batch 256 --image-size 224 [--json]
     python -m vmem plan --model vgg16 --batch 256 --budget 4GiB [--policy auto] [--json]
+        [--trace plan.json] [--hardware h2d=25e9,d2h=25e9,flops=4e14]
     python -m vmem demo
 """
 
@@ -80,6 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       "MiB) or cpu, the emulated device (2%%)")
     plan.add_argument("--split", type=_positive, default=None,
                       help="most parts per split run (1: never split); default 32")
+    plan.add_argument("--hardware", default=os.environ.get("VMEM_EMULATED_DEVICE", ""),
+                      help="the device to simulate, key=value pairs as VMEM_EMULATED_DEVICE "
+                      "(memory, h2d, d2h, flops), over the emulated device's defaults")
+    plan.add_argument("--trace", help="write the simulated step as a Chrome/Perfetto trace")
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
     demo = commands.add_parser("demo", help="the main job: profile and train under the meter")
     demo.add_argument("--steps", type=_positive, default=4)
@@ -110,8 +115,10 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .control.planner import headroom_for
+    from .control.simulator import simulate
     from .control.splitting import MAX_PARTS
     from .planning import plan_model
+    from .preprocessing.hardware import emulated_spec
     from .preprocessing.optimizer import profile_optimizer
 
     budget = parse_size(args.budget, "--budget")
@@ -126,14 +133,18 @@ def _plan(args: argparse.Namespace) -> int:
     optimizer = profile_optimizer(make(model.parameters())) if make else None
     x = torch.empty(args.batch, 3, args.image_size, args.image_size, device="meta",
                     dtype=args.dtype)
+    spec = emulated_spec(args.hardware)
     try:
-        plan, _ = plan_model(model, (x,), budget=budget, policy=args.policy,
-                             headroom=headroom_for(args.device), optimizer=optimizer,
-                             max_parts=args.split or MAX_PARTS)
+        plan, _, profile = plan_model(model, (x,), budget=budget, policy=args.policy,
+                                      headroom=headroom_for(args.device), optimizer=optimizer,
+                                      max_parts=args.split or MAX_PARTS, spec=spec)
     except RuntimeError as err:  # e.g. an image too small for the network's pooling
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"{args.model} cannot run on input {list(x.shape)}: {first}") from None
     print(plan.to_json(indent=1) if args.json else plan.table())
+    if args.trace:
+        simulate(profile, plan, spec).write_trace(args.trace)
+        print(f"trace written to {args.trace} (open in ui.perfetto.dev)", file=sys.stderr)
     return 0
 
 

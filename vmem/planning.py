@@ -1,6 +1,14 @@
 """Plan a model for a budget: profile it, plan the offloads, and split feature maps when no
 offload plan fits. The session plans through this; so does ``python -m vmem plan``.
 
+With the hardware given, ``auto`` is the fastest on the timeline simulator of a few whole
+plans: its own offload plan (the greedy prefix, :mod:`vmem.control.planner`), every fixed
+policy's (``vdnn_conv``, ``vdnn_all``, ``recompute``) and recomputation of every run with
+``auto``'s offloads of what remains (offload a run's input, recompute its inside). Each is
+one profile at most and a simulation of a few milliseconds, and the choice is never slower,
+simulated, than any fixed policy that fits: the guarantee a search over a richer space
+(per-tensor dynamic programming, an ILP) would have to earn its cost against.
+
 It joins the three modules (preprocessing profiles, control decides, and feed-forward's
 split runs are installed while a split model is profiled) without running a training step.
 """
@@ -9,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,28 +27,38 @@ from .control.splitting import MAX_PARTS, choose_splits, decisions
 from .errors import BudgetTooSmall, format_bytes
 from .feedforward.split_runs import Splits, find_runs
 from .feedforward.stream import ShapeStash
-from .preprocessing import profile_network
+from .preprocessing import NetworkProfile, profile_network
+from .preprocessing.hardware import HardwareSpec
 from .preprocessing.optimizer import OptimizerProfile
 
-__all__ = ["plan_model"]
+__all__ = ["Planned", "plan_model"]
 
 log = logging.getLogger("vmem")
+
+
+class Planned(NamedTuple):
+    plan: Plan
+    choices: dict  # {run: (parts, axis)} of the runs to split (one part: recompute)
+    profile: NetworkProfile  # of the model with those runs installed
 
 
 def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                budget: int | None, policy: str, headroom: tuple[float, int],
                optimizer: OptimizerProfile | None = None, gradients_held: bool = False,
                prefetch_distance: int | None = None, max_parts: int = MAX_PARTS,
-               top_level_runs: bool = True) -> tuple[Plan, dict]:
-    """The plan for one training step of ``model(*args, **kwargs)`` and the split choices
-    ``{run: (parts, axis)}`` it needs (empty when offloading suffices).
+               top_level_runs: bool = True,
+               spec: HardwareSpec | None = None) -> Planned:
+    """The plan for one training step of ``model(*args, **kwargs)``, the runs it splits or
+    recomputes ``{run: (parts, axis)}`` (empty when offloading suffices) and the profile of
+    the model with those runs installed.
 
     ``policy``: ``auto``, ``none``, ``vdnn_all``, ``vdnn_conv``, ``recompute`` (every run
     recomputed in backward, nothing offloaded) or ``split_approx``; only ``auto`` and
     ``split_approx`` split, and only up to ``max_parts`` parts (1: never).
     ``top_level_runs``: whether runs that are children of ``model`` itself may be split (not
     when planning inside the model's own forward pre-hook, as the session does: its forward
-    has already been looked up).
+    has already been looked up). ``spec``: the hardware, for the timeline simulator (see
+    the module docstring); without it ``auto`` is its offload plan alone.
 
     Raises:
         vmem.BudgetTooSmall: no plan fits; its ``minimum`` is the smallest budget that does
@@ -51,8 +70,8 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         >>> with torch.device("meta"):
         ...     model = vmem.models.vgg11()
         >>> x = torch.empty(32, 3, 128, 128, device="meta")  # plain: 1.46 GiB
-        >>> plan, choices = plan_model(model, (x,), budget=5 * 2**28, policy="auto",
-        ...                            headroom=(0.02, 0))  # offloading alone: 1.43 GiB
+        >>> plan, choices, _ = plan_model(model, (x,), budget=5 * 2**28, policy="auto",
+        ...                               headroom=(0.02, 0))  # offloading alone: 1.43 GiB
         >>> [parts for parts, axis in choices.values()], plan.predicted_peak <= 5 * 2**28
         ([4, 2, 2, 2, 2], True)
     """
@@ -65,28 +84,55 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
             return profile_network(model, inputs=args, kwargs=kwargs, dtype=dtype,
                                    name=type(model).__name__)
 
-    def plan_of(profile):
-        return make_plan(profile, budget=budget, policy="auto" if approximate else policy,
+    def plan_of(profile, offload_policy: str = "auto" if approximate else policy):
+        return make_plan(profile, budget=budget, policy=offload_policy,
                          prefetch_distance=prefetch_distance, optimizer=optimizer,
-                         gradients_held=gradients_held, headroom=headroom)
+                         gradients_held=gradients_held, headroom=headroom, spec=spec)
 
+    runs = [run for run in find_runs(model) if top_level_runs or run.container]
+    recomputed = {run: (1, 0) for run in runs}
     unsplit = profile_of({})
+
+    recomputed_profile: list[NetworkProfile] = []  # profiled once, when first asked for
+
+    def recompute(offload_policy: str) -> Planned:
+        if not recomputed_profile:
+            recomputed_profile.append(profile_of(recomputed))
+        profile = recomputed_profile[0]
+        plan = plan_of(profile, offload_policy)
+        plan = dataclasses.replace(plan, policy="recompute" if offload_policy == "none" else
+                                   plan.policy, splits=decisions(recomputed, unsplit, profile))
+        return Planned(plan, recomputed, profile)
+
     if policy == "recompute":
-        choices = {run: (1, 0) for run in find_runs(model) if top_level_runs or run.container}
-        profile = profile_of(choices)
-        plan = make_plan(profile, budget=budget, policy="none", optimizer=optimizer,
-                         gradients_held=gradients_held, headroom=headroom)
-        return dataclasses.replace(plan, policy=policy,
-                                   splits=decisions(choices, unsplit, profile)), choices
+        return recompute("none")
+    if policy == "auto" and spec is not None:
+        attempts = {"auto": lambda: Planned(plan_of(unsplit), {}, unsplit),
+                    "vdnn_conv": lambda: Planned(plan_of(unsplit, "vdnn_conv"), {}, unsplit),
+                    "vdnn_all": lambda: Planned(plan_of(unsplit, "vdnn_all"), {}, unsplit)}
+        if runs:
+            attempts["recompute"] = lambda: recompute("none")
+            attempts["recompute + auto"] = lambda: recompute("auto")
+        candidates = {}
+        for name, attempt in attempts.items():
+            try:
+                candidates[name] = attempt()
+            except BudgetTooSmall:
+                pass
+        if candidates:
+            name = min(candidates, key=lambda n: candidates[n][0].predicted_seconds)
+            log.info("vmem: auto takes the %s plan, %s", name, ", ".join(
+                f"{n} {c[0].predicted_seconds * 1e3:.1f} ms" for n, c in candidates.items()))
+            plan, choices, profile = candidates[name]
+            return Planned(dataclasses.replace(plan, policy="auto"), choices, profile)
     try:
-        return plan_of(unsplit), {}
+        return Planned(plan_of(unsplit), {}, unsplit)
     except BudgetTooSmall:
-        runs = [run for run in find_runs(model) if top_level_runs or run.container]
         if policy not in ("auto", "split_approx") or not runs or max_parts < 2:
             raise
     log.info("vmem: offloading alone does not fit %s; choosing feature-map splits",
              format_bytes(budget))
     first = next((t for t in args if isinstance(t, torch.Tensor)), None)
     batch = 0 if approximate or first is None or not first.dim() else first.shape[0]
-    plan, choices = choose_splits(runs, profile_of, plan_of, unsplit, batch, max_parts)
-    return dataclasses.replace(plan, approximate=approximate), choices
+    plan, choices, profile = choose_splits(runs, profile_of, plan_of, unsplit, batch, max_parts)
+    return Planned(dataclasses.replace(plan, approximate=approximate), choices, profile)

@@ -93,6 +93,7 @@ class Session:
         self.device = _device_of(model)
         self.plan: Plan | None = None
         self.budget: int | None = None
+        self.spec = None  # the device's HardwareSpec, once entered
         self.steps = 0
         self.measured_peak: int | None = None
         self.executor: OffloadExecutor | None = None
@@ -115,8 +116,8 @@ class Session:
             raise ValueError("vmem.session needs a model on a real device (cuda, or cpu for "
                              "the emulated device), not on meta")
         logging.getLogger("vmem").setLevel(self.config.log.upper())
-        spec = detect_hardware(self.device)
-        self.budget = self.config.resolve_budget(spec.total_memory)
+        self.spec = detect_hardware(self.device)
+        self.budget = self.config.resolve_budget(self.spec.total_memory)
         self.backend = make_backend(self.config.backend, self.device)
         try:
             self._start_meter()
@@ -230,12 +231,12 @@ class Session:
         self._use_splits(None)  # another signature's splits; _switch_to puts the right ones
         # The model's own forward has started (we run in its pre-hook), so only runs in its
         # submodules can be split.
-        plan, choices = plan_model(
+        plan, choices, _ = plan_model(
             self.model, args, kwargs, budget=self.budget, policy=self.policy,
             headroom=headroom_for(self.device.type),
             optimizer=profile_optimizer(self.optimizer) if self.optimizer else None,
             gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
-            max_parts=self.config.split or MAX_PARTS, top_level_runs=False)
+            max_parts=self.config.split or MAX_PARTS, top_level_runs=False, spec=self.spec)
         if not choices:
             return plan, None
         stash = HostStash(self.backend, self.host_pool, self.device)

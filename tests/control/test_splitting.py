@@ -39,7 +39,7 @@ def _offload_minimum(unsplit) -> int:
 def test_splits_fit_where_offloading_cannot():
     unsplit = profile_network(build("vgg16"), SHAPE)
     budget = int(_offload_minimum(unsplit) * 0.9)
-    (plan, choices), _, profiled = _search(budget)
+    (plan, choices, _), _, profiled = _search(budget)
     assert plan.predicted_peak <= plan.target
     assert plan.splits and all(s.memmax_after < s.memmax_before for s in plan.splits)
     assert all(s.parts == choices[r][0] for s, r in zip(plan.splits, choices, strict=False))

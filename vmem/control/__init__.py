@@ -5,6 +5,8 @@
   timeline, and each segment's peak ``Memmax``;
 - :mod:`.planner` chooses per saved tensor keep or offload, and the prefetch distance
   (mmCNN's Convolutional Part Number), under the budget; fixed policies from vDNN too;
+- :mod:`.simulator` plays a plan on the compute and copy streams: predicted time, memory
+  over time, a trace;
 - :mod:`.splitting` chooses how many parts each run of layers is split into (mmCNN's Self
   Part Number) when no offload plan fits;
 - :mod:`.plan` is the result: a dataclass with a JSON round-trip and a table.

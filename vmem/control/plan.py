@@ -69,6 +69,7 @@ class Plan:
     resident_bytes: int  # added to the profile's curve: optimizer state, gradients if held
     splits: list[SplitDecision] = dataclasses.field(default_factory=list)
     approximate: bool = False  # splits are Split-CNN's, which change the function
+    predicted_seconds: float | None = None  # one step on the timeline simulator, if run
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "saves", [s if isinstance(s, SaveDecision)
@@ -133,4 +134,7 @@ class Plan:
             f"against plain {format_bytes(self.plain_peak)}; staging "
             f"{format_bytes(self.staging_bytes)}",
         ]
+        if self.predicted_seconds is not None:
+            rows.append(f"predicted step time {self.predicted_seconds * 1e3:.1f} ms "
+                        "(timeline simulator)")
         return "\n".join(rows)

@@ -14,20 +14,25 @@ Policies:
 (:mod:`.memory`), so the shortest sufficient prefix is found by bisection, and a smaller
 budget never offloads less nor predicts a higher peak. The prefetch distance is then the
 largest (up to ``MAX_DISTANCE``) that still fits: prefetching earlier hides more of each copy
-but holds more bytes. When even the policy's most offloading plan does not fit,
+but holds more bytes; given the hardware, the one among those whose step the timeline
+simulator (:mod:`.simulator`) finds fastest. When even the policy's most offloading plan
+does not fit,
 :class:`vmem.BudgetTooSmall` names the smallest budget that would and the layer at its peak.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ..errors import BudgetTooSmall
+from ..preprocessing.hardware import HardwareSpec
 from ..preprocessing.optimizer import OptimizerProfile
 from ..preprocessing.profile import NetworkProfile
 from .memory import MemoryModel
 from .plan import KEEP, OFFLOAD, Plan, SaveDecision, SegmentPlan
 from .segments import CONV_KINDS, segment_of_layers
+from .simulator import simulate
 
 __all__ = ["make_plan", "headroom_for", "MAX_DISTANCE", "MIN_BYTES"]
 
@@ -48,12 +53,14 @@ def headroom_for(device_type: str) -> tuple[float, int]:
 def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
               prefetch_distance: int | None = None, optimizer: OptimizerProfile | None = None,
               gradients_held: bool = False, headroom: tuple[float, int] = (0.02, 0),
-              min_bytes: int = MIN_BYTES) -> Plan:
+              min_bytes: int = MIN_BYTES, spec: HardwareSpec | None = None) -> Plan:
     """Plan one training step of ``profile`` within ``budget`` bytes.
 
     ``gradients_held``: the parameters' gradients are on the device when forward starts
     (gradient accumulation, ``zero_grad(set_to_none=False)``); the profile assumes they are
-    created in backward, so they are added throughout.
+    created in backward, so they are added throughout. ``spec``: the hardware to simulate
+    the step on (:mod:`.simulator`); with it ``auto`` takes the prefetch distance of the
+    fastest simulated step, and the plan carries its predicted time.
 
     Example::
 
@@ -96,8 +103,19 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
         offloaded, distance = order, prefetch_distance or 1
     if target is not None and peak(offloaded, distance) > target:
         raise too_small(offloaded, distance)
-    return _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
+    plan = _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
                      offloaded, distance, min_bytes, held, peak)
+    if spec is None:
+        return plan
+    if policy == "auto" and prefetch_distance is None and offloaded:
+        plans = [plan] + [_assemble(profile, model, layer_segment, policy, budget, target,
+                                    fraction, fixed, offloaded, d, min_bytes, held, peak)
+                          for d in range(1, distance)]  # every distance that fits
+        timed = [dataclasses.replace(p, predicted_seconds=simulate(profile, p, spec)
+                                     .iteration_s) for p in plans]
+        return min(timed, key=lambda p: (p.predicted_seconds, -p.prefetch_distance))
+    return dataclasses.replace(plan, predicted_seconds=simulate(profile, plan, spec)
+                               .iteration_s)
 
 
 def _candidates(profile: NetworkProfile, model: MemoryModel, policy: str) -> list[int]:

@@ -65,8 +65,10 @@ def _streamed_bytes(profile: NetworkProfile, name: str) -> int:
 
 
 def choose_splits(runs: list, profile_of: Profiler, plan_of: Planner, unsplit: NetworkProfile,
-                  batch: int, max_parts: int = MAX_PARTS) -> tuple[Plan, dict]:
-    """The plan with the fewest parts that fits, and its choices ``{run: (parts, axis)}``.
+                  batch: int, max_parts: int = MAX_PARTS
+                  ) -> tuple[Plan, dict, NetworkProfile]:
+    """The plan with the fewest parts that fits, its choices ``{run: (parts, axis)}`` and
+    the profile of the model so split.
 
     ``runs``: :class:`vmem.feedforward.split_runs.Run` of the model, in order;
     ``profile_of`` profiles the model split as chosen; ``plan_of`` plans a profile, raising
@@ -106,7 +108,8 @@ def choose_splits(runs: list, profile_of: Profiler, plan_of: Planner, unsplit: N
             plan, profile, choices = plan_of(mixed_profile), mixed_profile, mixed
         except BudgetTooSmall:
             pass  # the uniform split fits
-    return dataclasses.replace(plan, splits=decisions(choices, unsplit, profile)), choices
+    return dataclasses.replace(plan, splits=decisions(choices, unsplit, profile)), choices, \
+        profile
 
 
 def decisions(choices: dict, unsplit: NetworkProfile,
