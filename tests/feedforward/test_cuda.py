@@ -56,7 +56,7 @@ def _slow_down_prefetch(s, cycles):
     backend.prefetch = slow
 
 
-@pytest.mark.parametrize("policy", ["vdnn_all", "vdnn_conv", "auto"])
+@pytest.mark.parametrize("policy", ["vdnn_all", "vdnn_conv", "recompute", "auto"])
 @pytest.mark.parametrize("name", list(NETS))
 def test_bit_identical_on_cuda(name, policy):
     _, plain, _ = _train(name)
@@ -86,3 +86,28 @@ def test_peak_within_budget_and_fraction_restored():
     assert s.peak <= budget
     if before is not None:
         assert torch.cuda.get_per_process_memory_fraction(0) == before
+
+
+def test_split_vgg16_shape_within_a_budget_offloading_cannot_meet_on_cuda():
+    """Split runs with their inputs streamed over the copy streams: within the budget, and
+    equal to plain (float64, as in tests/test_session_split.py)."""
+    def train(**session):
+        torch.manual_seed(0)
+        model = build("vgg16").double().cuda()
+        x = torch.randn(8, 3, 128, 128, device="cuda", dtype=torch.float64)
+        with vmem.session(model, **session) as s:
+            model(x).sum().backward()
+        torch.cuda.synchronize()
+        return s, [p.grad for p in model.parameters()]
+
+    x = torch.empty(8, 3, 128, 128, device="cuda", dtype=torch.float64)
+    with pytest.raises(vmem.BudgetTooSmall) as info:  # offloading alone
+        with vmem.session(build("vgg16").double().cuda(), budget=2**20, split=1, sample=x):
+            pass
+    budget = int(info.value.minimum * 0.9)
+    _, plain = train()
+    s, got = train(budget=budget)
+    assert s.plan.splits and s.peak <= budget
+    assert s.host_pool.stats.peak_in_use > 0  # the split runs' inputs went to the host
+    for a, b in zip(got, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
