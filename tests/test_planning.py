@@ -9,7 +9,7 @@ import vmem.planning
 from vmem import BudgetTooSmall, models
 from vmem.control.planner import headroom_for
 from vmem.feedforward.split_runs import SplitRun
-from vmem.planning import plan_model
+from vmem.planning import TIE, plan_model
 from vmem.preprocessing.hardware import emulated_spec
 from vmem.preprocessing.optimizer import profile_optimizer
 
@@ -59,7 +59,8 @@ def test_auto_is_never_slower_than_a_fixed_policy(name, profiles_once):
             feasible = {p: f for p, f in fixed.items() if f is not None}
             assert auto is not None or not feasible
             for policy, other in feasible.items():
-                assert auto.predicted_seconds <= other.predicted_seconds, (policy, fraction)
+                assert auto.predicted_seconds <= other.predicted_seconds * (1 + TIE), \
+                    (policy, fraction)
             if auto is not None:
                 assert auto.predicted_peak <= auto.target
 

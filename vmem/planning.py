@@ -3,8 +3,10 @@ offload plan fits. The session plans through this; so does ``python -m vmem plan
 
 With the hardware given, ``auto`` is the fastest on the timeline simulator of a few whole
 plans: its own offload plan (the greedy prefix, :mod:`vmem.control.planner`), every fixed
-policy's (``vdnn_conv``, ``vdnn_all``, ``recompute``) and recomputation of every run with
-``auto``'s offloads of what remains (offload a run's input, recompute its inside). Each is
+policy's (``vdnn_conv``, ``vdnn_all``, ``recompute``), recomputation of every run with
+``auto``'s offloads of what remains (offload a run's input, recompute its inside), and the
+same two with only the runs' cheap layers recomputed (BatchNorm and activation outputs,
+the memory-efficient DenseNet idea: no convolution runs twice). Each is
 one profile at most and a simulation of a few milliseconds, and the choice is never slower,
 simulated, than any fixed policy that fits: the guarantee a search over a richer space
 (per-tensor dynamic programming, an ILP) would have to earn its cost against.
@@ -25,13 +27,16 @@ from torch import nn
 from .control import Plan, make_plan
 from .control.splitting import MAX_PARTS, choose_splits, decisions
 from .errors import BudgetTooSmall, format_bytes
+from .feedforward.recompute import cheap_stretches
 from .feedforward.split_runs import Splits, find_runs
 from .feedforward.stream import ShapeStash
 from .preprocessing import NetworkProfile, profile_network
 from .preprocessing.hardware import HardwareSpec
 from .preprocessing.optimizer import OptimizerProfile
 
-__all__ = ["Planned", "plan_model"]
+__all__ = ["Planned", "plan_model", "TIE"]
+
+TIE = 1e-9  # relative difference in simulated time below which two plans tie
 
 log = logging.getLogger("vmem")
 
@@ -90,19 +95,21 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                          gradients_held=gradients_held, headroom=headroom, spec=spec)
 
     runs = [run for run in find_runs(model) if top_level_runs or run.container]
-    recomputed = {run: (1, 0) for run in runs}
+    cheap_runs = [run for run in runs if cheap_stretches(run.layers(model))]
     unsplit = profile_of({})
+    profiles: dict[int, NetworkProfile] = {}  # per recompute mode, profiled when first asked
 
-    recomputed_profile: list[NetworkProfile] = []  # profiled once, when first asked for
-
-    def recompute(offload_policy: str) -> Planned:
-        if not recomputed_profile:
-            recomputed_profile.append(profile_of(recomputed))
-        profile = recomputed_profile[0]
-        plan = plan_of(profile, offload_policy)
+    def recompute(offload_policy: str, parts: int = 1) -> Planned:
+        """Every run recomputed (``parts`` 1) or the cheap layers of those that have some
+        (0), the rest planned by ``offload_policy``."""
+        choices = {run: (parts, 0) for run in (runs if parts else cheap_runs)}
+        if parts not in profiles:
+            profiles[parts] = profile_of(choices)
+        plan = plan_of(profiles[parts], offload_policy)
         plan = dataclasses.replace(plan, policy="recompute" if offload_policy == "none" else
-                                   plan.policy, splits=decisions(recomputed, unsplit, profile))
-        return Planned(plan, recomputed, profile)
+                                   plan.policy,
+                                   splits=decisions(choices, unsplit, profiles[parts]))
+        return Planned(plan, choices, profiles[parts])
 
     if policy == "recompute":
         return recompute("none")
@@ -113,14 +120,19 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         if runs:
             attempts["recompute"] = lambda: recompute("none")
             attempts["recompute + auto"] = lambda: recompute("auto")
+        if cheap_runs:
+            attempts["cheap recompute"] = lambda: recompute("none", parts=0)
+            attempts["cheap recompute + auto"] = lambda: recompute("auto", parts=0)
         candidates = {}
         for name, attempt in attempts.items():
             try:
                 candidates[name] = attempt()
             except BudgetTooSmall:
                 pass
-        if candidates:
-            name = min(candidates, key=lambda n: candidates[n][0].predicted_seconds)
+        if candidates:  # the fastest; on a tie (to rounding) the first, the least changed
+            best = min(c.plan.predicted_seconds for c in candidates.values())
+            name = next(n for n, c in candidates.items()
+                        if c.plan.predicted_seconds <= best * (1 + TIE))
             log.info("vmem: auto takes the %s plan, %s", name, ", ".join(
                 f"{n} {c[0].predicted_seconds * 1e3:.1f} ms" for n, c in candidates.items()))
             plan, choices, profile = candidates[name]

@@ -37,7 +37,7 @@ class SplitDecision:
     """A run of layers executed in parts (mmCNN's Self Part Number)."""
 
     run: str  # e.g. "features[0:7]": children 0 to 6 of the Sequential ``features``
-    parts: int  # 1: not split but recomputed whole in backward
+    parts: int  # 1: not split but recomputed whole in backward; 0: its cheap layers only
     axis: int  # 0: batch, 2: height, 3: width
     memmax_before: int  # peak device bytes while the run's layers work, unsplit, plain
     memmax_after: int  # the same, split
@@ -115,7 +115,7 @@ class Plan:
                      f"{'run':<24} {'parts':>5} {'axis':>9} {'Memmax unsplit':>15} "
                      f"{'split':>11} {'streamed':>11}"]
             for split in self.splits:
-                axis = "recompute" if split.parts == 1 else \
+                axis = {0: "cheap", 1: "recompute"}.get(split.parts) or \
                     {0: "batch", 2: "height", 3: "width"}[split.axis]
                 rows.append(f"{split.run[-24:]:<24} {split.parts:>5} {axis:>9} "
                             f"{format_bytes(split.memmax_before):>15} "

@@ -9,6 +9,13 @@ random numbers and leaves the generators as it found them). BatchNorm updates it
 statistics once, in forward; the recomputation normalises with the batch's statistics as
 forward did, without updating them.
 
+:func:`cheap_forward` recomputes only the cheap layers (the memory-efficient DenseNet idea):
+in each BatchNorm → pointwise layers → convolution stretch of a run, the activation the
+convolution reads (and its pointwise layers keep) is not kept; backward renormalises it from
+the BatchNorm's input, which is kept anyway, and runs the convolution's own backward on it
+(``aten.convolution_backward``, what autograd calls), so no convolution runs twice and the
+results are again bit-identical.
+
 Example::
 
     >>> import torch
@@ -27,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .split import Held, _tensors_of
+from .split import _POINTWISE, Held, _tensors_of
 
-__all__ = ["RecomputeChain", "recompute_forward"]
+__all__ = ["RecomputeChain", "CheapRecompute", "recompute_forward", "cheap_forward",
+           "cheap_stretches"]
 
 _DEVICE_RNG = ("cuda",)  # device types whose generator the recomputation must replay too
 
@@ -110,3 +118,78 @@ def recompute_forward(layers, x: torch.Tensor, *, stash=None) -> torch.Tensor:
     docstring): Conv2d, BatchNorm2d, MaxPool2d, pointwise layers and dropout."""
     params = [p for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad]
     return RecomputeChain.apply(x, layers, stash, *params)
+
+
+class CheapRecompute(torch.autograd.Function):
+    """``conv(pointwise(bn(x)))`` keeping only ``x``. Arguments: the input, the BatchNorm and
+    pointwise layers, the convolution, then the parameters that need gradients (the
+    BatchNorm's, then the convolution's)."""
+
+    @staticmethod
+    def forward(ctx, x, cheap, conv, *params):
+        cheap = list(cheap)
+        tensors, (own,) = _tensors_of(cheap), _tensors_of([conv])
+        h = _run(cheap, tensors, x, update=True)
+        out = F.conv2d(h, own["weight"], own.get("bias"), conv.stride, conv.padding,
+                       conv.dilation, conv.groups)
+        ctx.save_for_backward(x)
+        ctx.cheap, ctx.tensors, ctx.conv, ctx.own, ctx.params = cheap, tensors, conv, own, params
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        conv, own = ctx.conv, ctx.own
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            h = _run(ctx.cheap, ctx.tensors, x, update=False)
+        bias = own.get("bias")
+        grad_h, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, h.detach(), own["weight"], None if bias is None else list(bias.shape),
+            list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0],
+            conv.groups, [True, own["weight"].requires_grad,
+                          bias is not None and bias.requires_grad])
+        conv_grads = {id(own["weight"]): grad_w}
+        if bias is not None:
+            conv_grads[id(bias)] = grad_b
+        cheap_params = [p for p in ctx.params if id(p) not in conv_grads]
+        got = torch.autograd.grad(h, [x, *cheap_params], grad_h, allow_unused=True)
+        by_id = dict(zip((id(p) for p in cheap_params), got[1:], strict=True))
+        by_id.update(conv_grads)
+        grads = [by_id[id(p)] if by_id[id(p)] is not None else torch.zeros_like(p)
+                 for p in ctx.params]
+        return (got[0], None, None, *grads)
+
+
+def _needing_grad(layers) -> list[torch.Tensor]:
+    return [p for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad]
+
+
+def cheap_stretches(layers) -> dict[int, int]:
+    """``{first: conv}``: each BatchNorm → pointwise layers → Conv2d stretch of ``layers``."""
+    layers, found, index = list(layers), {}, 0
+    while index < len(layers):
+        stop = index + 1
+        if isinstance(layers[index], nn.BatchNorm2d):
+            while stop < len(layers) and isinstance(layers[stop], _POINTWISE):
+                stop += 1
+            if stop < len(layers) and isinstance(layers[stop], nn.Conv2d):
+                found[index] = stop
+        index = stop
+    return found
+
+
+def cheap_forward(layers, x: torch.Tensor) -> torch.Tensor:
+    """``layers`` applied in order, each BatchNorm → pointwise → Conv2d stretch through
+    :class:`CheapRecompute`, the rest as they are (see the module docstring)."""
+    layers, index = list(layers), 0
+    stretches = cheap_stretches(layers)
+    while index < len(layers):
+        if index in stretches:
+            group, conv = layers[index:stretches[index]], layers[stretches[index]]
+            x = CheapRecompute.apply(x, group, conv, *_needing_grad([*group, conv]))
+            index = stretches[index] + 1
+            continue
+        x = layers[index].forward(x)  # forward, not __call__: no module hooks inside a run
+        index += 1
+    return x

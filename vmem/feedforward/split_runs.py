@@ -31,7 +31,7 @@ import types
 import torch
 from torch import nn
 
-from .recompute import recompute_forward
+from .recompute import cheap_forward, recompute_forward
 from .split import BATCH, check_splittable, split_forward
 
 __all__ = ["Run", "SplitRun", "Splits", "find_runs"]
@@ -54,6 +54,9 @@ class Run:
         """The profiled layer's name while the run is split."""
         prefix = f"{self.container}." if self.container else ""
         return f"{prefix}vmem_split_{self.start}_{self.stop}"
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.get_submodule(self.container))[self.start:self.stop]
 
     def layer_names(self) -> list[str]:
         """The run's layers' names in a profile of the unsplit model."""
@@ -91,9 +94,9 @@ def find_runs(model: nn.Module) -> list[Run]:
 
 
 class SplitRun(nn.Module):
-    """Runs its layers in ``parts`` parts along ``axis``, or, with one part, recomputes
-    them in backward (:mod:`.recompute`); holds them in a plain list, so it adds no
-    parameters and is a leaf to module hooks."""
+    """Runs its layers in ``parts`` parts along ``axis``; with one part, recomputes them
+    in backward; with none, recomputes only their cheap layers (:mod:`.recompute`). Holds
+    them in a plain list, so it adds no parameters and is a leaf to module hooks."""
 
     def __init__(self, layers: list[nn.Module], parts: int, axis: int,
                  approximate: bool = False, stash=None) -> None:
@@ -102,6 +105,8 @@ class SplitRun(nn.Module):
         self.stash = stash
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parts == 0:
+            return cheap_forward(self.layers, x)
         if self.parts == 1:  # its input is an ordinary save: the plan may offload it
             return recompute_forward(self.layers, x)
         return split_forward(self.layers, x, self.parts, self.axis,
@@ -130,7 +135,8 @@ class Splits:
     """Context manager: the chosen runs of ``model`` execute split while it is entered.
 
     ``choices`` maps each :class:`Run` to split to ``(parts, axis)``, one part meaning
-    recomputed whole; runs not in it stay as they are. ``stash``: where split runs keep
+    recomputed whole and zero its cheap layers recomputed; runs not in it stay as they
+    are. ``stash``: where split runs keep
     their input for backward (:mod:`.stream`); None keeps it on the device."""
 
     def __init__(self, model: nn.Module, choices: dict[Run, tuple[int, int]],
