@@ -112,6 +112,11 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         return Planned(plan, choices, profiles[parts])
 
     if policy == "recompute":
+        if not runs:
+            raise ValueError(
+                f"policy='recompute': {type(model).__name__} has no run of convolution "
+                "layers to recompute (runs are stretches of an nn.Sequential submodule, "
+                "starting at a Conv2d); use policy='auto' or 'vdnn_conv'")
         return recompute("none")
     if policy == "auto" and spec is not None:
         attempts = {"auto": lambda: Planned(plan_of(unsplit), {}, unsplit),

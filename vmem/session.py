@@ -216,6 +216,9 @@ class Session:
         try:
             with paused:
                 plan, splits = self._make_plan(args, kwargs, gradients_held)
+        except BaseException:  # the current plan stays in force, with its splits
+            self._use_splits(self._splits.get(self._planned_for))
+            raise
         finally:
             self._planning = False
         self._executors[key] = OffloadExecutor(plan, self.device, self.backend, self.host_pool,

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from nets import build
 
@@ -50,3 +51,27 @@ def test_a_split_run_is_one_layer_to_the_profiler():
     assert split.saved_tensors == 0  # its only save is the model's input, which stays
     second = prof.layers[names.index("features.7")]
     assert second.saved_bytes > 0
+
+
+def test_runs_start_at_a_convolution_and_an_in_place_first_layer_is_refused():
+    from torch import nn
+
+    from vmem.feedforward.split import split_forward
+    model = nn.Module()
+    model.f = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+                            nn.Conv2d(4, 4, 3))
+    assert find_runs(model) == [Run("f", 0, 2), Run("f", 3, 4)]
+    with pytest.raises(ValueError, match="in place and first"):
+        split_forward([nn.ReLU(inplace=True), nn.Conv2d(3, 3, 1)], torch.randn(1, 3, 8, 8), 2)
+
+
+def test_a_failed_install_leaves_nothing_behind():
+    from torch import nn
+    model = nn.Module()
+    model.f = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2),
+                            nn.Conv2d(4, 4, 3, padding="same"))
+    unsplittable = Run("f", 2, 3)  # not a run find_runs gives: its padding is a string
+    with pytest.raises(ValueError, match="padding as numbers"):
+        with Splits(model, {find_runs(model)[0]: (2, 2), unsplittable: (2, 2)}):
+            pass
+    assert len(model.f) == 3 and "forward" not in vars(model.f)

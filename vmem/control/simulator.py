@@ -52,7 +52,7 @@ class Simulation:
     compute_s: float  # the compute stream's busy time
     d2h_s: float  # the copy streams' busy times
     h2d_s: float
-    stall_s: float  # compute waiting for prefetches
+    stall_s: float  # compute waiting: for prefetches, or for copies out to free memory
     peak_bytes: int  # of the memory curve over time
     times: list[float]  # start of each operator
     memory: list[int]  # device bytes during each operator, over time

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .split import _POINTWISE, Held, _tensors_of
+from .split import _POINTWISE, Held, _check_first, _tensors_of
 
 __all__ = ["RecomputeChain", "CheapRecompute", "recompute_forward", "cheap_forward",
            "cheap_stretches"]
@@ -116,6 +116,7 @@ class RecomputeChain(torch.autograd.Function):
 def recompute_forward(layers, x: torch.Tensor, *, stash=None) -> torch.Tensor:
     """``layers`` applied to ``x`` in order, recomputed in backward (see the module
     docstring): Conv2d, BatchNorm2d, MaxPool2d, pointwise layers and dropout."""
+    _check_first(layers)
     params = [p for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad]
     return RecomputeChain.apply(x, layers, stash, *params)
 

@@ -19,7 +19,7 @@ Split-CNN's approximate mode (``approximate=True``) instead cuts the input into 
 runs each as an image of its own, padded at its borders as the map is at its ends: no halo
 and no shared rows, but the rows near a border see zeros where the neighbour's pixels were,
 so **the model computes a different function**. It takes the most patches, up to ``parts``,
-for which every layer's map divides evenly. vmem never chooses it by itself.
+whose outputs add up to every layer's whole map. vmem never chooses it by itself.
 
 BatchNorm in training mode normalises with statistics of the whole map, so it costs passes:
 forward, one pass per BatchNorm accumulates its input's sums over the parts (later parts
@@ -124,6 +124,15 @@ class Held:
 
     def rows(self, axis: int, start: int, stop: int) -> torch.Tensor:
         return self.x.narrow(axis, start, stop - start)
+
+
+def _check_first(chain) -> None:
+    """The chain's input is the caller's tensor: its first layer must not write into it."""
+    first = next(iter(chain), None)
+    if getattr(first, "inplace", False):
+        raise ValueError(f"{first} is in place and first in the chain: it would change the "
+                         "caller's tensor, which backward reads again; start the chain after "
+                         "it or make it out of place")
 
 
 def _tensors_of(chain) -> list[dict[str, torch.Tensor]]:
@@ -411,5 +420,6 @@ def split_forward(chain, x: torch.Tensor, parts: int, axis: int = HEIGHT, *,
     where backward finds the input (see :class:`SplitChain`; :mod:`.stream`)."""
     if parts < 1:
         raise ValueError(f"parts={parts} must be at least 1")
+    _check_first(chain)
     params = [p for layer in chain for p in layer.parameters(recurse=False) if p.requires_grad]
     return SplitChain.apply(x, chain, parts, axis, approximate, stash, *params)

@@ -1,12 +1,15 @@
 """Split runs: where a model's layers can run split, and running them so during a session.
 
 A *run* is a stretch of consecutive children of an ``nn.Sequential`` that :mod:`.split` can
-split (convolutions, BatchNorm, pointwise layers, max pooling), ending after each pooling
-layer, so that a VGG block is one run and its halo stays a few rows. :class:`Splits` makes
-chosen runs execute in parts: it gives each such ``Sequential`` a parameterless
-:class:`SplitRun` child per run and a ``forward`` that calls it in place of the run's layers,
-and takes both away again. Parameters, buffers and ``state_dict`` never change; the
-profiler sees each split run as one layer, named ``<sequential>.vmem_split_<start>_<stop>``.
+split (convolutions, BatchNorm, pointwise layers, max pooling), starting at a convolution
+(never at an in-place layer, which would write into the caller's tensor) and ending after
+each pooling layer, so that a VGG block is one run and its halo stays a few rows.
+:class:`Splits` makes chosen runs execute in parts: it gives each such ``Sequential`` a
+parameterless :class:`SplitRun` child per run and a ``forward`` that calls it in place of
+the run's layers, and takes both away again. Parameters, buffers and ``state_dict`` never
+change; the profiler sees each split run as one layer, named
+``<sequential>.vmem_split_<start>_<stop>``. (Do not ``copy.deepcopy`` the model while
+splits are installed: the copy's ``forward`` would still run the original's layers.)
 
 Example::
 
@@ -82,6 +85,8 @@ def find_runs(model: nn.Module) -> list[Run]:
         children = list(module)
         for index, layer in enumerate([*children, None]):
             if layer is not None and _splittable(layer):
+                if start is None and not isinstance(layer, nn.Conv2d):
+                    continue  # a run starts at a convolution
                 start = index if start is None else start
                 if not isinstance(layer, nn.MaxPool2d):
                     continue
@@ -160,21 +165,23 @@ class Splits:
     def _install(self, sequential: nn.Sequential, runs: list[Run]) -> None:
         children = list(sequential)
         table, names = {}, []
+        self._installed.append((sequential, names, sequential.__dict__.get("forward")))
         for run in sorted(runs, key=lambda r: r.start):
             parts, axis = self.choices[run]
             layers = children[run.start:run.stop]
             check_splittable(layers, axis)
             split = SplitRun(layers, parts, axis, self.approximate, self.stash)
             name = run.module_name.rsplit(".", 1)[-1]
+            names.append(name)  # recorded first: __exit__ undoes a partial install too
             sequential.add_module(name, split)
-            names.append(name)
             table[run.start] = (run.stop, split)
         sequential.forward = types.MethodType(_sequential_forward(children, table), sequential)
-        self._installed.append((sequential, names))
 
     def __exit__(self, *exc) -> None:
-        for sequential, names in self._installed:
+        for sequential, names, forward in reversed(self._installed):
             for name in names:
-                del sequential._modules[name]
+                sequential._modules.pop(name, None)
             sequential.__dict__.pop("forward", None)
+            if forward is not None:
+                sequential.forward = forward
         self._installed = []

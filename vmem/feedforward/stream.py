@@ -13,6 +13,8 @@ the same device-memory behaviour on the ``meta`` device, moving no data.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..transfer import TransferBackend
@@ -20,6 +22,8 @@ from .pools import HostPool
 from .split import Held
 
 __all__ = ["HostStash", "ShapeStash"]
+
+log = logging.getLogger("vmem")
 
 
 def _moves(x: torch.Tensor) -> bool:
@@ -53,13 +57,19 @@ class HostStash:
     def __init__(self, backend: TransferBackend, host_pool: HostPool,
                  device: torch.device) -> None:
         self.backend, self.host_pool, self.device = backend, host_pool, device
+        self.warned = False
 
     def __call__(self, x: torch.Tensor):
-        if not _moves(x) or x.device != self.device or not x.is_contiguous():
+        if not _moves(x) or x.device != self.device:
             return Held(x)
         slot = self.host_pool.take(x.numel() * x.element_size())
         if slot is None:  # the host budget is spent
+            if not self.warned:
+                log.warning("vmem: the host budget is spent; a split run's input stays on "
+                            "the device (raise VMEM_HOST_BUDGET)")
+                self.warned = True
             return Held(x)
+        x = x.contiguous()  # channels_last and the like: the copy out needs plain bytes
         host_bytes, give_back = slot
         event = self.backend.offload(x.reshape(-1).view(torch.uint8), host_bytes)
         host = host_bytes.view(x.dtype).view(x.shape)
