@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .split import _POINTWISE, Held, _check_first, _tensors_of
+from .split import _POINTWISE, Held, _check_first, _tensors_of, needing_grad
 
 __all__ = ["RecomputeChain", "CheapRecompute", "recompute_forward", "cheap_forward",
            "cheap_stretches"]
@@ -117,8 +117,7 @@ def recompute_forward(layers, x: torch.Tensor, *, stash=None) -> torch.Tensor:
     """``layers`` applied to ``x`` in order, recomputed in backward (see the module
     docstring): Conv2d, BatchNorm2d, MaxPool2d, pointwise layers and dropout."""
     _check_first(layers)
-    params = [p for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad]
-    return RecomputeChain.apply(x, layers, stash, *params)
+    return RecomputeChain.apply(x, layers, stash, *needing_grad(layers))
 
 
 class CheapRecompute(torch.autograd.Function):
@@ -162,10 +161,6 @@ class CheapRecompute(torch.autograd.Function):
         return (got[0], None, None, *grads)
 
 
-def _needing_grad(layers) -> list[torch.Tensor]:
-    return [p for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad]
-
-
 def cheap_stretches(layers) -> dict[int, int]:
     """``{first: conv}``: each BatchNorm → pointwise layers → Conv2d stretch of ``layers``."""
     layers, found, index = list(layers), {}, 0
@@ -188,7 +183,7 @@ def cheap_forward(layers, x: torch.Tensor) -> torch.Tensor:
     while index < len(layers):
         if index in stretches:
             group, conv = layers[index:stretches[index]], layers[stretches[index]]
-            x = CheapRecompute.apply(x, group, conv, *_needing_grad([*group, conv]))
+            x = CheapRecompute.apply(x, group, conv, *needing_grad([*group, conv]))
             index = stretches[index] + 1
             continue
         x = layers[index].forward(x)  # forward, not __call__: no module hooks inside a run

@@ -135,6 +135,11 @@ def _check_first(chain) -> None:
                          "it or make it out of place")
 
 
+def needing_grad(chain) -> list[torch.Tensor]:
+    """The chain's parameters that need gradients: what a Function over it is applied to."""
+    return [p for layer in chain for p in layer.parameters(recurse=False) if p.requires_grad]
+
+
 def _tensors_of(chain) -> list[dict[str, torch.Tensor]]:
     """Each layer's parameters and buffers as they are now (``functional_call`` may have
     swapped them); backward uses these, not whatever the modules hold by then."""
@@ -421,5 +426,4 @@ def split_forward(chain, x: torch.Tensor, parts: int, axis: int = HEIGHT, *,
     if parts < 1:
         raise ValueError(f"parts={parts} must be at least 1")
     _check_first(chain)
-    params = [p for layer in chain for p in layer.parameters(recurse=False) if p.requires_grad]
-    return SplitChain.apply(x, chain, parts, axis, approximate, stash, *params)
+    return SplitChain.apply(x, chain, parts, axis, approximate, stash, *needing_grad(chain))
