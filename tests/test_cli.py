@@ -1,9 +1,12 @@
 import json
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from vmem.cli import main
 
@@ -60,3 +63,14 @@ def test_demo_trains_within_half_the_plain_peak(capsys):
     assert "budget: half of that" in out and "Memmax" in out and "measured peak" in out
     assert re.search(r"within the budget [\d.]+ MiB: True", out)
     assert "weights bit-identical to plain: True" in out
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
+                    reason="nvcc not found")
+def test_build_native_reports_what_it_sees(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("VMEM_CACHE_DIR", str(tmp_path))
+    assert main(["build-native"]) == 0
+    out = capsys.readouterr().out
+    assert f"built {tmp_path}" in out
+    devices = "CUDA device(s)" if torch.cuda.is_available() else "no CUDA device ("
+    assert devices in out and "torch" in out.splitlines()[-1]

@@ -86,6 +86,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       "(memory, h2d, d2h, flops), over the emulated device's defaults")
     plan.add_argument("--trace", help="write the simulated step as a Chrome/Perfetto trace")
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
+    native = commands.add_parser("build-native", help="build the native transfer library now "
+                                 "(otherwise built on first use) and say what it sees")
+    native.add_argument("--force", action="store_true", help="rebuild even if cached")
     demo = commands.add_parser("demo", help="the main job: profile and train under the meter")
     demo.add_argument("--steps", type=_positive, default=4)
     return parser
@@ -148,6 +151,19 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_native(args: argparse.Namespace) -> int:
+    from . import transfer
+    from .transfer import native
+
+    try:
+        print(f"built {native.build(force=args.force)}")
+    except native.NativeError as err:
+        raise ValueError(str(err)) from None
+    print(f"native library: {native.status()}")
+    print(f"transfer backends here, best first: {', '.join(transfer.backends())}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m vmem`` and the ``vmem`` script."""
     parser = _build_parser()
@@ -160,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _profile(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "build-native":
+            return _build_native(args)
         from .demo import run_demo
 
         return run_demo(steps=args.steps)

@@ -1,6 +1,5 @@
 """The executor on its own: what it offloads, what it leaves alone, the pools."""
 
-import pytest
 import torch
 from nets import SHAPE, build
 from torch import nn
@@ -82,11 +81,3 @@ def test_host_pool_reuses_its_arena():
     assert c.data_ptr() == a.data_ptr() and pool.stats.overflow_allocations == 0
     give_c()
     assert pool.stats.in_use == 0 and pool.stats.peak_in_use == 2048
-
-
-def test_backends():
-    from vmem import transfer
-
-    assert transfer.backends() == ["torch"]
-    with pytest.raises(ValueError, match="VMEM_BACKEND"):
-        make_backend("native", torch.device("cpu"))

@@ -22,6 +22,11 @@ class TransferBackend(abc.ABC):
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
+    @property
+    def compresses(self) -> bool:
+        """Whether :meth:`offload_compressed` and :meth:`prefetch_compressed` work here."""
+        return False
+
     @abc.abstractmethod
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host ``uint8`` buffer that copies can use asynchronously (pinned on CUDA)."""
@@ -35,6 +40,12 @@ class TransferBackend(abc.ABC):
         """Start copying host bytes ``src`` to new device bytes, once event ``after`` is
         complete; returns the device tensor and the copy's event."""
 
+    def prefetch_many(self, items: list[tuple[torch.Tensor, object]]
+                      ) -> list[tuple[torch.Tensor, object]]:
+        """:meth:`prefetch` of each ``(src, after)``, in order, in as few calls as the
+        backend can."""
+        return [self.prefetch(src, after) for src, after in items]
+
     @abc.abstractmethod
     def consume(self, dst: torch.Tensor, event) -> None:
         """Make the compute stream wait for ``event`` before it reads ``dst``."""
@@ -46,3 +57,15 @@ class TransferBackend(abc.ABC):
     @abc.abstractmethod
     def synchronize(self) -> None:
         """Block the host until every copy issued so far is complete."""
+
+    def offload_compressed(self, src: torch.Tensor, dst: torch.Tensor, elem_size: int):
+        """Like :meth:`offload`, but ``dst`` receives ``src`` (elements of ``elem_size``
+        bytes) in :mod:`vmem.transfer.compression`'s format; ``dst`` holds at least
+        ``compressed_nbytes(n, elem_size, n)`` bytes."""
+        raise NotImplementedError(f"the {self.name} backend does not compress")
+
+    def prefetch_compressed(self, src: torch.Tensor, elem_size: int, after
+                            ) -> tuple[torch.Tensor, object]:
+        """Like :meth:`prefetch` for a buffer :meth:`offload_compressed` wrote: returns the
+        decompressed device bytes and their event."""
+        raise NotImplementedError(f"the {self.name} backend does not compress")

@@ -1,15 +1,20 @@
 """The torch backend: pinned host tensors and non-blocking copies on two CUDA streams.
 
-On a non-CUDA device (the emulated device) copies are synchronous and there are no streams.
+On a non-CUDA device (the emulated device) copies are synchronous and there are no streams;
+compression there runs the CPU reference (:mod:`.compression`), so the planner's compressed
+offloads are exercised without a GPU.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import compression
 from .base import TransferBackend
 
 __all__ = ["TorchBackend"]
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class TorchBackend(TransferBackend):
@@ -22,8 +27,25 @@ class TorchBackend(TransferBackend):
             self.offload_stream = torch.cuda.Stream(device)
             self.prefetch_stream = torch.cuda.Stream(device)
 
+    @property
+    def compresses(self) -> bool:
+        return not self.cuda  # on CUDA, the reference's data-dependent sizes would sync
+
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
+    # -- the primitives a subclass replaces -------------------------------------------
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def _record(self, stream):
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def _block(self, stream, event) -> None:
+        stream.wait_event(event)
 
     # Note: [Cross-stream lifetimes]
     # A saved tensor is written by the compute stream and read by the offload stream, and a
@@ -45,30 +67,31 @@ class TorchBackend(TransferBackend):
             dst.copy_(src)
             return None
         self.offload_stream.wait_stream(torch.cuda.current_stream(self.device))  # rule 1
-        with torch.cuda.stream(self.offload_stream):
-            dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+        self._copy(dst, src, self.offload_stream)
         src.record_stream(self.offload_stream)  # rule 2
-        return done
+        return self._record(self.offload_stream)
 
     def prefetch(self, src: torch.Tensor, after) -> tuple[torch.Tensor, object]:
+        return self.prefetch_many([(src, after)])[0]
+
+    def prefetch_many(self, items):
         if not self.cuda:
-            return src.to(self.device, copy=True), None
-        with torch.cuda.stream(self.prefetch_stream):
+            return [(src.to(self.device, copy=True), None) for src, _ in items]
+        results = []
+        for src, after in items:
+            with torch.cuda.stream(self.prefetch_stream):  # the block belongs to this stream
+                dst = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
             if after is not None:
-                self.prefetch_stream.wait_event(after)  # the host bytes must be complete
-            dst = torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
-            dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        return dst, done
+                self._block(self.prefetch_stream, after)  # the host bytes must be complete
+            self._copy(dst, src, self.prefetch_stream)
+            results.append((dst, self._record(self.prefetch_stream)))
+        return results
 
     def consume(self, dst: torch.Tensor, event) -> None:
         if event is None:
             return
         compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(event)  # rule 3
+        self._block(compute, event)  # rule 3
         dst.record_stream(compute)
 
     def wait(self, event) -> None:
@@ -79,3 +102,14 @@ class TorchBackend(TransferBackend):
         if self.cuda:
             self.offload_stream.synchronize()
             self.prefetch_stream.synchronize()
+
+    # -- compressed offloads: the CPU reference --------------------------------------
+    def offload_compressed(self, src: torch.Tensor, dst: torch.Tensor, elem_size: int):
+        packed = compression.compress(src.view(_INT_OF_SIZE[elem_size]))
+        dst[:packed.numel()].copy_(packed)
+        return None
+
+    def prefetch_compressed(self, src: torch.Tensor, elem_size: int, after):
+        _, numel, _ = compression.read_header(src)
+        dense = compression.decompress(src, _INT_OF_SIZE[elem_size], (numel,))
+        return dense.view(torch.uint8).to(self.device, copy=True), None

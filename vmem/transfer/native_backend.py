@@ -1,0 +1,103 @@
+"""The native backend: the csrc library's pinned arena, copies, events and compression.
+
+What it adds to the torch backend: host memory comes from a few large pinned blocks (torch's
+pinned allocator rounds every request up to a power of two, so a 5 GiB host pool would pin
+8 GiB); a segment's prefetches go out as one batched call; and mostly-zero activations cross
+the link compressed (:mod:`.compression`). The compress kernels write straight into the
+mapped pinned slice, so only the header, mask and non-zeros cross the link, and the host need
+not know the compressed size in forward. On a non-CUDA device the arena hands out plain host
+memory and compression runs the CPU reference, so the emulated device exercises this backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import compression, native
+from .torch_backend import TorchBackend
+
+__all__ = ["NativeBackend"]
+
+
+class NativeBackend(TorchBackend):
+    name = "native"
+
+    def __init__(self, device: torch.device, library: native.NativeLibrary | None = None) -> None:
+        self.library = library or native.load()
+        if device.type == "cuda":
+            count, why = self.library.device_count()
+            if count == 0:
+                raise native.NativeError(f"the native library sees no CUDA device ({why})")
+        super().__init__(device)
+        self.arena = native.Arena(self.library, pinned=self.cuda)
+
+    @property
+    def compresses(self) -> bool:
+        return True
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return self.arena.tensor(nbytes)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
+        self.library.copy(dst.data_ptr(), src.data_ptr(), src.numel(), stream.cuda_stream)
+
+    def _record(self, stream) -> native.Event:
+        event = native.Event(self.library)
+        event.record(stream.cuda_stream)
+        return event
+
+    def _block(self, stream, event) -> None:
+        event.block(stream.cuda_stream)
+
+    def prefetch_many(self, items):
+        if not self.cuda or len(items) < 2:
+            return super().prefetch_many(items)
+        stream = self.prefetch_stream
+        with torch.cuda.stream(stream):  # the blocks belong to the prefetch stream
+            dsts = [torch.empty(src.numel(), dtype=torch.uint8, device=self.device)
+                    for src, _ in items]
+        for _, after in items:
+            if after is not None:
+                self._block(stream, after)  # the host bytes must be complete
+        self.library.copy_batch([d.data_ptr() for d in dsts],
+                                [src.data_ptr() for src, _ in items],
+                                [src.numel() for src, _ in items], stream.cuda_stream)
+        done = self._record(stream)  # one event for the batch
+        return [(dst, done) for dst in dsts]
+
+    def _workspace(self, numel: int) -> torch.Tensor:
+        # Allocated on the current stream and freed right after the launch: the caching
+        # allocator hands the block out again only to later work on the same stream.
+        return torch.empty(self.library.compress_workspace_bytes(numel), dtype=torch.uint8,
+                           device=self.device)
+
+    def offload_compressed(self, src: torch.Tensor, dst: torch.Tensor, elem_size: int):
+        if not self.cuda:
+            return super().offload_compressed(src, dst, elem_size)
+        stream = self.offload_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # rule 1 of the Note
+        numel = src.numel() // elem_size
+        with torch.cuda.stream(stream):
+            workspace = self._workspace(numel)
+        self.library.compress(src.data_ptr(), numel, elem_size, dst.data_ptr(),
+                              workspace.data_ptr(), stream.cuda_stream)
+        src.record_stream(stream)  # rule 2
+        return self._record(stream)
+
+    def prefetch_compressed(self, src: torch.Tensor, elem_size: int, after):
+        if not self.cuda:
+            return super().prefetch_compressed(src, elem_size, after)
+        # The host reads the header's non-zero count, so the copy out must be complete;
+        # by backward it almost always is.
+        self.wait(after)
+        _, numel, nnz = compression.read_header(src[:compression.HEADER_BYTES])
+        nbytes = compression.compressed_nbytes(numel, elem_size, nnz)
+        stream = self.prefetch_stream
+        with torch.cuda.stream(stream):
+            packed = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            dense = torch.empty(numel * elem_size, dtype=torch.uint8, device=self.device)
+            workspace = self._workspace(numel)
+        self.library.copy(packed.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
+        self.library.decompress(packed.data_ptr(), numel, elem_size, dense.data_ptr(),
+                                workspace.data_ptr(), stream.cuda_stream)
+        return dense, self._record(stream)
