@@ -114,3 +114,31 @@ def test_memmax_per_segment_bounds_the_peak(name):
     plan = make_plan(prof, budget=None, policy="vdnn_all", optimizer=opt)
     assert max(s.memmax for s in plan.segments) <= plan.predicted_peak
     assert all(s.memmax <= s.memmax_plain for s in plan.segments)
+
+
+@pytest.mark.parametrize("density, compressed", [(0.3, True), (0.95, False), (None, False)])
+def test_compression_only_where_the_measured_density_pays(density, compressed):
+    profile, _ = _profile("resnet", SHAPE)
+    for save in profile.timeline.saves:
+        save.density = density
+    plain = make_plan(profile, budget=None, policy="vdnn_all")
+    plan = make_plan(profile, budget=None, policy="vdnn_all", compress=True)
+    assert not any(d.compress for d in plain.saves)
+    assert any(d.compress for d in plan.saves) == compressed
+    if compressed:  # fp32 at 30%: 0.3 * 4 + 1/8 bytes per element
+        ratio = plan.offloaded_bytes / plan.link_bytes
+        assert 2.9 < ratio < 3.1
+        assert plan.host_bytes > plan.offloaded_bytes  # slots hold the worst case
+        assert "compressed" in plan.table()
+
+
+def test_compression_shortens_a_link_bound_simulated_step():
+    from vmem.preprocessing.hardware import emulated_spec
+
+    spec = emulated_spec("h2d=1e9,d2h=1e9")  # a slow link
+    profile, _ = _profile("resnet", SHAPE)
+    for save in profile.timeline.saves:
+        save.density = 0.3
+    raw = make_plan(profile, budget=None, policy="vdnn_all", spec=spec)
+    packed = make_plan(profile, budget=None, policy="vdnn_all", spec=spec, compress=True)
+    assert packed.predicted_seconds < raw.predicted_seconds

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from ..errors import format_bytes
+from ..transfer.compression import compressed_nbytes
 
 __all__ = ["Plan", "SaveDecision", "SegmentPlan", "SplitDecision", "KEEP", "OFFLOAD"]
 
@@ -20,6 +21,16 @@ class SaveDecision:
     layer: str  # the layer that saved it first
     segment: int  # the segment whose backward needs it first
     action: str  # KEEP or OFFLOAD
+    compressed_bytes: int = 0  # offloaded compressed: the predicted bytes on the link; 0: raw
+
+    @property
+    def compress(self) -> bool:
+        return self.compressed_bytes > 0
+
+    @property
+    def link_bytes(self) -> int:
+        """Bytes that cross the host link each way when offloaded."""
+        return self.compressed_bytes or self.nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +103,18 @@ class Plan:
     def offloaded(self) -> int:
         return sum(1 for s in self.saves if s.action == OFFLOAD)
 
+    @property
+    def link_bytes(self) -> int:
+        """Bytes the offloads put on the host link each way per step (after compression)."""
+        return sum(s.link_bytes for s in self.saves if s.action == OFFLOAD)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host pool bytes one step needs: a compressed save's slot holds its worst case."""
+        return self.streamed_bytes + sum(
+            compressed_nbytes(s.nbytes, 1, s.nbytes) if s.compress else s.nbytes
+            for s in self.saves if s.action == OFFLOAD)
+
     def to_json(self, **kwargs) -> str:
         return json.dumps(dataclasses.asdict(self), **kwargs)
 
@@ -129,7 +152,10 @@ class Plan:
             f"policy {self.policy}, budget {budget}, prefetch distance "
             f"{self.prefetch_distance} segment(s)",
             f"offloaded {self.offloaded} of {len(self.saves)} saved tensors: "
-            f"{format_bytes(self.offloaded_bytes)} per step",
+            f"{format_bytes(self.offloaded_bytes)} per step"
+            + (f", {sum(s.compress for s in self.saves)} compressed: "
+               f"{format_bytes(self.link_bytes)} on the link" if self.link_bytes <
+               self.offloaded_bytes else ""),
             f"predicted peak {format_bytes(self.predicted_peak)} ({self.predicted_peak} bytes) "
             f"against plain {format_bytes(self.plain_peak)}; staging "
             f"{format_bytes(self.staging_bytes)}",

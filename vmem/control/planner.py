@@ -28,7 +28,8 @@ import math
 from ..errors import BudgetTooSmall
 from ..preprocessing.hardware import HardwareSpec
 from ..preprocessing.optimizer import OptimizerProfile
-from ..preprocessing.profile import NetworkProfile
+from ..preprocessing.profile import NetworkProfile, SavedStorage
+from ..transfer.compression import compressed_nbytes, pays
 from .memory import MemoryModel
 from .plan import KEEP, OFFLOAD, Plan, SaveDecision, SegmentPlan
 from .segments import CONV_KINDS, segment_of_layers
@@ -53,14 +54,18 @@ def headroom_for(device_type: str) -> tuple[float, int]:
 def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
               prefetch_distance: int | None = None, optimizer: OptimizerProfile | None = None,
               gradients_held: bool = False, headroom: tuple[float, int] = (0.02, 0),
-              min_bytes: int = MIN_BYTES, spec: HardwareSpec | None = None) -> Plan:
+              min_bytes: int = MIN_BYTES, spec: HardwareSpec | None = None,
+              compress: bool = False) -> Plan:
     """Plan one training step of ``profile`` within ``budget`` bytes.
 
     ``gradients_held``: the parameters' gradients are on the device when forward starts
     (gradient accumulation, ``zero_grad(set_to_none=False)``); the profile assumes they are
     created in backward, so they are added throughout. ``spec``: the hardware to simulate
     the step on (:mod:`.simulator`); with it ``auto`` takes the prefetch distance of the
-    fastest simulated step, and the plan carries its predicted time.
+    fastest simulated step, and the plan carries its predicted time. ``compress``: the
+    transfer backend compresses, so an offload whose measured density (the profile's
+    ``SavedStorage.density``) makes compression pay (:func:`~vmem.transfer.compression.pays`)
+    crosses the link compressed, and ``auto`` ranks saves by FLOPs per byte on the link.
 
     Example::
 
@@ -93,7 +98,8 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
             profile.layers[layer_index].name if layer_index >= 0 else "the loss"
         return BudgetTooSmall(budget, math.ceil((need + fixed) / (1 - fraction)), layer)
 
-    order = _candidates(profile, model, policy)
+    link = [_link_bytes(save, compress) for save in model.saves]
+    order = _candidates(profile, model, policy, link)
     if policy == "auto":
         offloaded = [] if target is None else _shortest_prefix(order, target, peak)
         if offloaded is None:
@@ -104,12 +110,13 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     if target is not None and peak(offloaded, distance) > target:
         raise too_small(offloaded, distance)
     plan = _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
-                     offloaded, distance, min_bytes, held, peak)
+                     offloaded, distance, min_bytes, held, peak, link)
     if spec is None:
         return plan
     if policy == "auto" and prefetch_distance is None and offloaded:
         plans = [plan] + [_assemble(profile, model, layer_segment, policy, budget, target,
-                                    fraction, fixed, offloaded, d, min_bytes, held, peak)
+                                    fraction, fixed, offloaded, d, min_bytes, held, peak,
+                                    link)
                           for d in range(1, distance)]  # every distance that fits
         timed = [dataclasses.replace(p, predicted_seconds=simulate(profile, p, spec)
                                      .iteration_s) for p in plans]
@@ -118,7 +125,19 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
                                .iteration_s)
 
 
-def _candidates(profile: NetworkProfile, model: MemoryModel, policy: str) -> list[int]:
+def _link_bytes(save: SavedStorage, compress: bool) -> int:
+    """Bytes ``save`` puts on the host link when offloaded: compressed where that pays."""
+    elem = save.elem_size
+    if not compress or save.density is None or elem not in (1, 2, 4, 8) or save.nbytes % elem:
+        return save.nbytes
+    numel = save.nbytes // elem
+    if not pays(numel, elem, save.density):
+        return save.nbytes
+    return compressed_nbytes(numel, elem, math.ceil(save.density * numel))
+
+
+def _candidates(profile: NetworkProfile, model: MemoryModel, policy: str,
+                link: list[int]) -> list[int]:
     """The saves a policy may offload, best first."""
     if policy == "none":
         return []
@@ -135,7 +154,7 @@ def _candidates(profile: NetworkProfile, model: MemoryModel, policy: str) -> lis
     useful = [i for i in everything
               if model.saves[i].released_at < model.prefetch_at(model.segment[i], 1)]
     return sorted(useful, key=lambda i: (model.segment[i] == last,
-                                         -flops[model.segment[i]] / model.saves[i].nbytes, i))
+                                         -flops[model.segment[i]] / link[i], i))
 
 
 def _shortest_prefix(order: list[int], target: int, peak) -> list[int] | None:
@@ -162,10 +181,12 @@ def _widest_distance(offloaded: list[int], target: int | None, peak) -> int:
 
 
 def _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
-              offloaded, distance, min_bytes, state, peak) -> Plan:
+              offloaded, distance, min_bytes, state, peak, link) -> Plan:
     chosen = set(offloaded)
     saves = [SaveDecision(s.nbytes, profile.layers[s.layers[0]].name, model.segment[i],
-                          OFFLOAD if i in chosen else KEEP) for i, s in enumerate(model.saves)]
+                          OFFLOAD if i in chosen else KEEP,
+                          link[i] if i in chosen and link[i] < s.nbytes else 0)
+             for i, s in enumerate(model.saves)]
     plain = model.memmax(model.curve([], distance))
     planned = model.memmax(model.curve(offloaded, distance))
     segments = []

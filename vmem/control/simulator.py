@@ -167,7 +167,7 @@ def simulate(profile: NetworkProfile, plan: Plan, spec: HardwareSpec) -> Simulat
                 extra = _settle(pending, late, now)
             stall += now - waited
         for i in by_issue.get(op, ()):
-            back_done[i] = h2d.copy(max(now, out_done.get(i, now)), model.saves[i].nbytes,
+            back_done[i] = h2d.copy(max(now, out_done.get(i, now)), plan.saves[i].link_bytes,
                                     d2h, events, f"prefetch {plan.saves[i].layer}")
         waits = [back_done[i] for i in by_need.get(op, ()) if i in back_done]
         if waits and max(waits) > now:
@@ -180,7 +180,7 @@ def simulate(profile: NetworkProfile, plan: Plan, spec: HardwareSpec) -> Simulat
                        now + duration))
         now += duration
         for i in by_saved.get(op, ()):
-            out_done[i] = d2h.copy(now, model.saves[i].nbytes, h2d, events,
+            out_done[i] = d2h.copy(now, plan.saves[i].link_bytes, h2d, events,
                                    f"offload {plan.saves[i].layer}")
             if i in end_of and model.saves[i].released_at <= op < end_of[i]:
                 _hold(pending, late, i, out_done[i], model.saves[i].nbytes, now)

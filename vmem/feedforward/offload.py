@@ -25,6 +25,7 @@ import torch
 
 from ..control.plan import OFFLOAD, Plan
 from ..transfer import TransferBackend
+from ..transfer.compression import compressed_nbytes
 from .pools import HostPool, StagingPool
 
 __all__ = ["OffloadExecutor", "TransferCounters"]
@@ -35,16 +36,19 @@ log = logging.getLogger("vmem")
 class _Stored:
     """One copy of a storage in the host pool, and its device copy while fetched back."""
 
-    __slots__ = ("nbytes", "segment", "host", "offloaded", "original", "version", "device",
-                 "fetched", "consumed", "freed_copy", "packs", "unpacks", "backend",
+    __slots__ = ("nbytes", "segment", "host", "elem_size", "offloaded", "original", "version",
+                 "device", "fetched", "consumed", "freed_copy", "packs", "unpacks", "backend",
                  "give_back", "__weakref__")
 
     def __init__(self, t: torch.Tensor, segment: int, host: torch.Tensor, give_back,
-                 backend: TransferBackend, source: torch.Tensor) -> None:
+                 backend: TransferBackend, source: torch.Tensor, elem_size: int) -> None:
         self.nbytes, self.segment, self.host, self.give_back = source.numel(), segment, host, \
             give_back
-        self.backend = backend
-        self.offloaded = backend.offload(source, host)  # event of the copy out
+        self.backend, self.elem_size = backend, elem_size  # elem_size 0: copied raw
+        if elem_size:  # event of the copy out
+            self.offloaded = backend.offload_compressed(source, host, elem_size)
+        else:
+            self.offloaded = backend.offload(source, host)
         self.original = weakref.ref(t)  # the saved tensor, while the forward code holds it
         self.version = t._version
         self.device: torch.Tensor | None = None  # the copy back, until its last unpack
@@ -102,6 +106,7 @@ class TransferCounters:
     offloaded_bytes: int = 0
     prefetched_bytes: int = 0
     reused_bytes: int = 0  # offloaded, but still on the device when backward needed it
+    compressed_saves: int = 0  # offloads that crossed the link compressed
 
 
 class OffloadExecutor:
@@ -117,7 +122,7 @@ class OffloadExecutor:
         self.layer = "-"  # the layer of the latest tracked save, for error messages
         self._warned = False
         self.start_forward(resident)
-        host_pool.reserve(plan.offloaded_bytes + plan.streamed_bytes)
+        host_pool.reserve(plan.host_bytes)
 
     def start_forward(self, resident: set[int]) -> None:
         """Reset the per-step state as the model's forward begins; ``resident`` are the
@@ -164,20 +169,29 @@ class OffloadExecutor:
         self.layer = decision.layer
         if decision.action != OFFLOAD or not self.in_sync or t.is_complex():
             return _Entry(decision.segment, None)
-        return _Entry(decision.segment, self._offload(t, storage, decision.segment))
+        stored = self._offload(t, storage, decision.segment, decision.compress)
+        return _Entry(decision.segment, stored)
 
-    def _offload(self, t: torch.Tensor, storage, segment: int) -> _Stored | None:
-        """Copy ``storage`` to a host slice; None (keep it) when the host budget is spent.
+    def _offload(self, t: torch.Tensor, storage, segment: int,
+                 compress: bool = False) -> _Stored | None:
+        """Copy ``storage`` to a host slice, compressed if the plan says so and the backend
+        can; None (keep it) when the host budget is spent.
 
         The returned object is referenced only by the waiting list and by what autograd
         holds, so its host slice goes back as soon as the graph lets go of it."""
-        slot = self.host_pool.take(storage.nbytes())
+        nbytes, elem_size = storage.nbytes(), t.element_size()
+        if not (compress and self.backend.compresses and nbytes % elem_size == 0):
+            elem_size = 0
+        slot = self.host_pool.take(compressed_nbytes(nbytes // elem_size, elem_size,
+                                                     nbytes // elem_size)
+                                   if elem_size else nbytes)
         if slot is None:
             self._warn(f"the host budget is spent; keeping {self.layer}'s save on the device "
                        "(raise VMEM_HOST_BUDGET)")
             return None
         source = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
-        stored = _Stored(t, segment, *slot, self.backend, source)
+        stored = _Stored(t, segment, *slot, self.backend, source, elem_size)
+        self.counters.compressed_saves += elem_size > 0
         self.waiting[segment].append(stored)
         self.counters.offloaded_bytes += stored.nbytes
         return stored
@@ -235,25 +249,43 @@ class OffloadExecutor:
     def _issue_down_to(self, floor: int) -> None:
         floor = max(floor, 0)
         for segment in range(floor, self.issued_from):
+            batch, batched = [], 0  # a segment's prefetches go to the backend together
             for stored in self.waiting[segment]:
-                if stored.device is None and self.staging.admits(stored.nbytes):
-                    self._fetch(stored, ahead=True)
+                if (stored.device is None and self.staging.admits(batched + stored.nbytes)
+                        and not self._reuse(stored)):
+                    batch.append(stored)
+                    batched += stored.nbytes
+            self._fetch_many(batch, ahead=True)
             self.waiting[segment].clear()
         self.issued_from = min(self.issued_from, floor)
 
     def _fetch(self, stored: _Stored, ahead: bool) -> None:
+        if not self._reuse(stored):
+            self._fetch_many([stored], ahead)
+
+    def _reuse(self, stored: _Stored) -> bool:
+        """Whether the forward code still holds the storage, unchanged: then no copy back."""
         original = stored.original()
-        if original is not None and original._version == stored.version:
-            # The forward code still holds it, unchanged: no copy back.
-            source = original.untyped_storage()
-            stored.device = torch.empty(0, dtype=torch.uint8, device=self.device).set_(source)
-            stored.fetched = None
-            self.counters.reused_bytes += stored.nbytes
-            return
-        stored.device, stored.fetched = self.backend.prefetch(stored.host, stored.offloaded)
-        stored.consumed = False
-        self.staging.track(stored.device, ahead)
-        self.counters.prefetched_bytes += stored.nbytes
+        if original is None or original._version != stored.version:
+            return False
+        source = original.untyped_storage()
+        stored.device = torch.empty(0, dtype=torch.uint8, device=self.device).set_(source)
+        stored.fetched = None
+        self.counters.reused_bytes += stored.nbytes
+        return True
+
+    def _fetch_many(self, batch: list[_Stored], ahead: bool) -> None:
+        raw = [stored for stored in batch if not stored.elem_size]
+        fetched = self.backend.prefetch_many([(s.host, s.offloaded) for s in raw])
+        for stored, (device, event) in zip(raw, fetched, strict=True):
+            stored.device, stored.fetched = device, event
+        for stored in batch:
+            if stored.elem_size:
+                stored.device, stored.fetched = self.backend.prefetch_compressed(
+                    stored.host, stored.elem_size, stored.offloaded)
+            stored.consumed = False
+            self.staging.track(stored.device, ahead)
+            self.counters.prefetched_bytes += stored.nbytes
 
     @property
     def offloaded_bytes(self) -> int:

@@ -93,6 +93,8 @@ class SavedStorage:
     released_at: int  # first operator without it once its saves leave the device
     needed_at: int  # first operator after its first unpack in backward
     freed_at: int  # first operator without it in plain training (after its last use)
+    elem_size: int = 0  # bytes per element of the tensor first saved from it
+    density: float | None = None  # fraction of non-zero elements, where measured
 
 
 @dataclasses.dataclass
@@ -337,7 +339,8 @@ class _Recorder(TorchDispatchMode):
         if key in self.resident:
             return t
         if key not in self.saves:
-            record = SavedStorage(storage.nbytes(), [], self.now, _NEVER, _NEVER, _NEVER)
+            record = SavedStorage(storage.nbytes(), [], self.now, _NEVER, _NEVER, _NEVER,
+                                  t.element_size())
             self.saves[key] = record
             self.save_order.append(record)
             weakref.finalize(storage, self._freed, key)
