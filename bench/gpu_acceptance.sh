@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU acceptance runs, for a session that is lent a GPU (the device tool), in stages that
 # each fit one 10-minute call. Run from the repository root on the GPU machine:
-#   bash bench/gpu_acceptance.sh tests|profile|demo|throughput|maxbatch|split
+#   bash bench/gpu_acceptance.sh tests|profile|demo|throughput|maxbatch|split|transfer
 # Output goes to $OUT (or ./gpu-results); commit what matters to bench/results/.
 set -euo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -39,6 +39,9 @@ PY
     python -m vmem plan --model vgg16 --batch 256 --budget 4GiB | tee "$out/split-plan.txt"
     python -m bench --models vgg16 --batch 256 --budgets 4GiB --methods vmem-auto \
         --iterations 5 --warmup 1 --out "$out/bench-split" | tee "$out/split.txt" ;;
-  *) echo "unknown stage $1: tests, profile, demo, throughput, maxbatch or split" >&2
+  transfer)    # backends against raw cudaMemcpyAsync; compression on ResNet-50's ReLU outputs
+    python -m pytest -q -rs tests/transfer 2>&1 | tee "$out/transfer-tests.txt"
+    python bench/transfer.py --out "$out/transfer.txt" ;;
+  *) echo "unknown stage $1: tests, profile, demo, throughput, maxbatch, split or transfer" >&2
      exit 2 ;;
 esac
