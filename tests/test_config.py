@@ -30,15 +30,17 @@ def test_explicit_beats_environment_beats_default():
 def test_every_variable_is_read():
     env = {"VMEM_DEVICE_BUDGET": "0.5", "VMEM_HOST_BUDGET": "32GiB", "VMEM_POLICY": "vdnn_all",
            "VMEM_PREFETCH_DEPTH": "3", "VMEM_BACKEND": "torch", "VMEM_REPORT": "r.json",
-           "VMEM_LOG": "debug"}
+           "VMEM_LOG": "debug", "VMEM_REFINE_STEPS": "0"}
     cfg = Config.from_env(env=env)
     assert (cfg.device_budget, cfg.host_budget, cfg.policy, cfg.prefetch_depth, cfg.backend,
-            cfg.report, cfg.log) == (0.5, 32 * 2**30, "vdnn_all", 3, "torch", "r.json", "debug")
+            cfg.report, cfg.log, cfg.refine_steps) == (0.5, 32 * 2**30, "vdnn_all", 3, "torch",
+                                                       "r.json", "debug", 0)
 
 
 @pytest.mark.parametrize("var, value", [
     ("VMEM_DEVICE_BUDGET", "8 gigs"), ("VMEM_HOST_BUDGET", "-3"), ("VMEM_POLICY", "fast"),
     ("VMEM_PREFETCH_DEPTH", "0"), ("VMEM_BACKEND", "opencl"), ("VMEM_LOG", "loud"),
+    ("VMEM_REFINE_STEPS", "-1"), ("VMEM_REFINE_STEPS", "three"),
 ])
 def test_malformed_variable_names_variable_value_and_example(var, value):
     with pytest.raises(ValueError) as info:

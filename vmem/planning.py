@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,8 +52,8 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                budget: int | None, policy: str, headroom: tuple[float, int],
                optimizer: OptimizerProfile | None = None, gradients_held: bool = False,
                prefetch_distance: int | None = None, max_parts: int = MAX_PARTS,
-               top_level_runs: bool = True,
-               spec: HardwareSpec | None = None) -> Planned:
+               top_level_runs: bool = True, spec: HardwareSpec | None = None,
+               retime: Callable[[NetworkProfile], NetworkProfile] | None = None) -> Planned:
     """The plan for one training step of ``model(*args, **kwargs)``, the runs it splits or
     recomputes ``{run: (parts, axis)}`` (empty when offloading suffices) and the profile of
     the model with those runs installed.
@@ -63,7 +64,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     ``top_level_runs``: whether runs that are children of ``model`` itself may be split (not
     when planning inside the model's own forward pre-hook, as the session does: its forward
     has already been looked up). ``spec``: the hardware, for the timeline simulator (see
-    the module docstring); without it ``auto`` is its offload plan alone.
+    the module docstring); without it ``auto`` is its offload plan alone. ``retime``: gives
+    each profile made here its layer times (the session's measured ones,
+    :mod:`vmem.refinement`); without it they are the shape-only profile's estimates.
 
     Raises:
         vmem.BudgetTooSmall: no plan fits; its ``minimum`` is the smallest budget that does
@@ -86,8 +89,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
 
     def profile_of(choices: dict):
         with Splits(model, choices, approximate, ShapeStash()):
-            return profile_network(model, inputs=args, kwargs=kwargs, dtype=dtype,
-                                   name=type(model).__name__)
+            profile = profile_network(model, inputs=args, kwargs=kwargs, dtype=dtype,
+                                      name=type(model).__name__)
+        return profile if retime is None else retime(profile)
 
     def plan_of(profile, offload_policy: str = "auto" if approximate else policy):
         return make_plan(profile, budget=budget, policy=offload_policy,

@@ -1,8 +1,10 @@
 """``vmem.session``: train an unchanged model within a device-memory budget.
 
 The session plans on the first forward (or up front from ``sample``) and again whenever the
-input's shape changes; each forward then runs under the plan's saved-tensor hooks. On exit,
-normal or by exception, it leaves the model and the process as it found them.
+input's shape changes; each forward then runs under the plan's saved-tensor hooks. With
+``auto``, once the first steps of an input signature have been timed per layer, it re-plans
+once on the measured times (:mod:`vmem.refinement`). On exit, normal or by exception, it
+leaves the model and the process as it found them.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from .feedforward import HostPool, OffloadExecutor, StagingPool, TransferCounter
 from .feedforward.split_runs import Splits
 from .feedforward.stream import HostStash
 from .meter import CudaMeter, DeviceMeter, EmulatedMeter
-from .planning import plan_model
+from .planning import Planned, plan_model
 from .preprocessing.hardware import detect_hardware
 from .preprocessing.optimizer import profile_optimizer
+from .refinement import STEPS, Refinement
 from .transfer import make_backend
 
 __all__ = ["Session", "session"]
@@ -57,7 +60,11 @@ def session(model: nn.Module, *, budget: int | float | str | None = None,
         optimizer: counted in the budget (its state and its step's peak) when given.
         sample: an input batch to plan from before the first forward.
         **config: any other :class:`vmem.Config` field (``host_budget``, ``split``,
-            ``prefetch_depth``, ``backend``, ``report``, ``log``).
+            ``prefetch_depth``, ``refine_steps``, ``backend``, ``report``, ``log``).
+            ``refine_steps``: with ``auto``, how many steps (after one warm-up) are timed
+            per layer before the session re-plans on the measured times, adopting the new
+            plan when it is predicted more than 5% faster; default 3 on a GPU, 0 (never)
+            on the emulated device.
 
     Raises:
         vmem.BudgetTooSmall: no plan fits; raised before the first step runs.
@@ -105,6 +112,11 @@ class Session:
         self._saved_hooks = None
         self._planned_for = None
         self._planning = False
+        self._refinements: dict = {}  # per input signature planned by auto: its Refinement
+        self._timing: Refinement | None = None  # whose timer is timing the step running
+        steps = self.config.refine_steps
+        self.refine_steps = steps if steps is not None else \
+            STEPS if self.device.type == "cuda" else 0
         self._old_fraction: float | None = None
         self.meter: DeviceMeter | None = None
 
@@ -162,6 +174,7 @@ class Session:
             handle.remove()
         self._handles = []
         self._exit_saved_hooks()
+        self._stop_timing()
         self._use_splits(None)
         if self.executor is not None:
             self.executor.synchronize()
@@ -185,7 +198,9 @@ class Session:
         if isinstance(self.meter, EmulatedMeter):
             self.meter.track(inputs)
         self._exit_saved_hooks()  # left pushed if the last forward was interrupted
+        self._stop_timing()  # before planning: the profiler runs the model's modules
         self._prepare(args, kwargs)
+        self._refine_or_time(args, kwargs)
         self.executor.start_forward(_resident_keys(self.model, inputs))
         self.steps += 1
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self.executor.pack,
@@ -194,6 +209,8 @@ class Session:
 
     def _after_forward(self, module: nn.Module, args, output) -> None:
         self._exit_saved_hooks()
+        if self._timing is not None:
+            self._timing.timer.end_forward()
 
     def _exit_saved_hooks(self) -> None:
         if self._saved_hooks is not None:
@@ -202,25 +219,79 @@ class Session:
 
     def _prepare(self, args: tuple, kwargs: dict) -> None:
         """Plan for inputs like these unless the current plan already is for them."""
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        gradients_held = any(p.grad is not None for p in self.model.parameters())
-        key = (tuple((tuple(t.shape), t.dtype) for t in inputs), gradients_held)
+        key = _signature(self.model, args, kwargs)
         if key == self._planned_for:
             return
         if key in self._executors:  # planned before (accumulation alternates two plans)
             self._switch_to(key)
             return
+        planned, splits = self._plan(args, kwargs, gradients_held=key[1])
+        self._install(key, planned.plan, splits, args, kwargs)
+        if self.refine_steps and self.policy == "auto":
+            self._refinements[key] = Refinement(self.model, planned, self.device,
+                                                self.refine_steps)
+
+    def _refine_or_time(self, args: tuple, kwargs: dict) -> None:
+        """Time this step for its signature's refinement, or re-plan once it has enough."""
+        refinement = self._refinements.get(self._planned_for)
+        if refinement is None or refinement.outcome is not None:
+            return
+        if not refinement.ready:
+            self._timing = refinement
+            refinement.timer.start_step()
+            return
+        retime = refinement.retime()
+        best, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
+                                  retime=retime)
+        if refinement.decide(best, self.spec, retime):
+            self._install(self._planned_for, best.plan, splits, args, kwargs)
+        else:
+            self._use_splits(self._splits[self._planned_for])  # _plan took them out
+        log.info("vmem: %s", refinement.summary())
+
+    def _stop_timing(self) -> None:
+        if self._timing is not None:
+            self._timing.timer.stop()
+            self._timing = None
+
+    def _plan(self, args, kwargs, gradients_held: bool,
+              retime=None) -> tuple[Planned, Splits | None]:
+        """:meth:`_make_plan` with the meter paused and the model's hooks quiet; on failure
+        the current plan stays in force, with its splits."""
         paused = self.meter.paused() if isinstance(self.meter, EmulatedMeter) else \
             contextlib.nullcontext()
         self._planning = True
         try:
             with paused:
-                plan, splits = self._make_plan(args, kwargs, gradients_held)
-        except BaseException:  # the current plan stays in force, with its splits
+                return self._make_plan(args, kwargs, gradients_held, retime)
+        except BaseException:
             self._use_splits(self._splits.get(self._planned_for))
             raise
         finally:
             self._planning = False
+
+    def _make_plan(self, args, kwargs, gradients_held,
+                   retime=None) -> tuple[Planned, Splits | None]:
+        """The plan, and the split runs it needs (None when offloading suffices)."""
+        self._use_splits(None)  # another signature's splits; _switch_to puts the right ones
+        # The model's own forward has started (we run in its pre-hook), so only runs in its
+        # submodules can be split.
+        planned = plan_model(
+            self.model, args, kwargs, budget=self.budget, policy=self.policy,
+            headroom=headroom_for(self.device.type),
+            optimizer=profile_optimizer(self.optimizer) if self.optimizer else None,
+            gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
+            max_parts=self.config.split or MAX_PARTS, top_level_runs=False, spec=self.spec,
+            retime=retime)
+        if not planned.choices:
+            return planned, None
+        stash = HostStash(self.backend, self.host_pool, self.device)
+        return planned, Splits(self.model, planned.choices, planned.plan.approximate, stash)
+
+    def _install(self, key, plan: Plan, splits: Splits | None, args, kwargs) -> None:
+        """Put ``plan`` in force for inputs of signature ``key`` (new, or replacing its
+        plan: copies in flight belong to the old executor's graphs)."""
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         self._executors[key] = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
                                                self.staging, _resident_keys(self.model, inputs),
                                                self._counters)
@@ -228,22 +299,6 @@ class Session:
         self._switch_to(key)
         log.info("vmem: planned for inputs %s:\n%s", [list(t.shape) for t in inputs],
                  plan.table())
-
-    def _make_plan(self, args, kwargs, gradients_held) -> tuple[Plan, Splits | None]:
-        """The plan, and the split runs it needs (None when offloading suffices)."""
-        self._use_splits(None)  # another signature's splits; _switch_to puts the right ones
-        # The model's own forward has started (we run in its pre-hook), so only runs in its
-        # submodules can be split.
-        plan, choices, _ = plan_model(
-            self.model, args, kwargs, budget=self.budget, policy=self.policy,
-            headroom=headroom_for(self.device.type),
-            optimizer=profile_optimizer(self.optimizer) if self.optimizer else None,
-            gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
-            max_parts=self.config.split or MAX_PARTS, top_level_runs=False, spec=self.spec)
-        if not choices:
-            return plan, None
-        stash = HostStash(self.backend, self.host_pool, self.device)
-        return plan, Splits(self.model, choices, plan.approximate, stash)
 
     def _use_splits(self, splits: Splits | None) -> None:
         if splits is self._active_splits:
@@ -289,6 +344,8 @@ class Session:
             data["offloaded_bytes"] = self.executor.offloaded_bytes
             data["prefetched_bytes"] = self.executor.prefetched_bytes
             data["reused_bytes"] = self.executor.reused_bytes
+            refinement = self._refinements.get(self._planned_for)
+            data["refinement"] = None if refinement is None else refinement.to_dict()
         return data
 
     def report(self) -> str:
@@ -313,8 +370,23 @@ class Session:
             f"transfers: {format_bytes(self.executor.offloaded_bytes)} offloaded, "
             f"{format_bytes(self.executor.prefetched_bytes)} fetched back, "
             f"{format_bytes(self.executor.reused_bytes)} still on the device when needed",
+            self._refinement_summary(),
         ])
 
+    def _refinement_summary(self) -> str:
+        refinement = self._refinements.get(self._planned_for)
+        if refinement is not None:
+            return refinement.summary()
+        if self.policy != "auto":
+            return f"refinement: off (only auto chooses by time; policy {self.policy})"
+        return "refinement: off (refine_steps=0)"
+
+
+def _signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What a plan is for: the inputs' shapes and dtypes, and whether gradients are held."""
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    gradients_held = any(p.grad is not None for p in model.parameters())
+    return tuple((tuple(t.shape), t.dtype) for t in inputs), gradients_held
 
 
 def _device_of(model: nn.Module) -> torch.device:

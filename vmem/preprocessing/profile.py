@@ -226,6 +226,10 @@ class _Clock:
             return (end - start) * 1e3
         return start.elapsed_time(end)
 
+    def passed(self, mark) -> bool:
+        """Whether the device has reached ``mark``; never waits."""
+        return not self.cuda or mark.query()
+
 
 class _Recorder(TorchDispatchMode):
     """Joins module hooks, saved-tensor hooks and the dispatch stream into layers."""

@@ -1,0 +1,127 @@
+"""Refinement on the emulated device: measured times reach every candidate, the session
+re-plans once per signature after the measured steps, and only for a clear gain."""
+
+import contextlib
+
+import pytest
+import torch
+from nets import SHAPE, build
+from test_session import budgets, train
+from torch import nn
+
+import vmem
+from vmem.planning import TIE, plan_model
+from vmem.preprocessing.timing import LayerTimer
+from vmem.refinement import IMPROVEMENT, WARM_UP, measured_profile
+
+FAST = 1e-6  # the measured device's speed-up over this CPU in the re-plan test
+
+
+def _profiles(model):
+    """The shape-only profiles of ``model`` plain and with every run recomputed."""
+    x = torch.randn(SHAPE)
+    plain = plan_model(model, (x,), budget=None, policy="none", headroom=(0.02, 0))
+    recomputed = plan_model(model, (x,), budget=None, policy="recompute", headroom=(0.02, 0))
+    return plain, recomputed
+
+
+def test_measured_times_move_between_candidates_by_name_and_by_work():
+    model = build("vgg_bn")
+    (_, _, plain), (_, choices, recomputed) = _profiles(model)
+    first = next(iter(choices))  # features[0:7]
+    groups = {name: run for run in choices for name in [run.module_name, *run.layer_names()]}
+    in_first = set(first.layer_names())
+    # Measured on the plain model: the first run's layers at 2 ms per MFLOP, the rest at 1.
+    rate = {name: 2e-6 if name in in_first else 1e-6 for name in in_first | {"classifier"}}
+    times = {layer.name: (layer.forward_flops * rate.get(layer.name, 1e-6),
+                          layer.backward_flops * rate.get(layer.name, 1e-6))
+             for layer in plain.layers if layer.module}
+    same = measured_profile(plain, plain, times, groups)
+    assert all((layer.forward_ms, layer.backward_ms) == times[layer.name]
+               for layer in same.layers if layer.module)
+    assert [layer.forward_ms for layer in same.layers if not layer.module] == [0.0]  # a view
+    moved = {layer.name: layer for layer in measured_profile(recomputed, plain, times, groups)
+             .layers}
+    split = moved[first.module_name]  # its backward recomputes: more FLOPs, the run's rate
+    assert split.backward_ms == pytest.approx(split.backward_flops * 2e-6)
+    assert split.forward_ms == pytest.approx(split.forward_flops * 2e-6)
+    assert (moved["classifier"].forward_ms, moved["classifier"].backward_ms) == \
+        times["classifier"]
+    # And back: measured as one split layer, the run's layers share its time by FLOPs.
+    split_times = {name: (layer.forward_ms, layer.backward_ms) for name, layer in moved.items()
+                   if layer.module}
+    back = {layer.name: layer for layer in measured_profile(plain, recomputed, split_times,
+                                                            groups).layers}
+    run_ms = sum(split_times[first.module_name])
+    run_flops = split.forward_flops + split.backward_flops
+    for name in first.layer_names():
+        assert back[name].forward_ms == pytest.approx(
+            back[name].forward_flops * run_ms / run_flops)
+
+
+def _train_recording(model, steps, **session):
+    """``train`` of test_session, also recording the plan in force at each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = torch.Generator().manual_seed(1)
+    losses, grads, plans, reports = [], [], [], []
+    with vmem.session(model, optimizer=opt, **session) as s:
+        for _ in range(steps):
+            x = torch.randn(SHAPE, generator=data)
+            y = torch.randint(0, 10, (SHAPE[0],), generator=data)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            with s.meter.paused() if s.meter else contextlib.nullcontext():
+                losses.append(loss.detach().clone())
+                grads.append([p.grad.detach().clone() for p in model.parameters()])
+            plans.append(s.plan)
+            reports.append(s.report_dict()["refinement"])
+            opt.step()
+            opt.zero_grad()
+    return s, losses, grads, plans, reports
+
+
+def test_off_by_default_on_the_emulated_device():
+    s, *_ = train(build("vgg_bn"), steps=WARM_UP + 3, budget="1GiB")
+    assert s.report_dict()["refinement"] is None
+    assert "refinement: off (refine_steps=0)" in s.report()
+
+
+def test_refinement_runs_once_after_the_measured_steps():
+    steps = 2
+    s, _, _, plans, reports = _train_recording(build("vgg_bn"), WARM_UP + steps + 2,
+                                               budget="1GiB", refine_steps=steps)
+    ran = [report["ran"] for report in reports]
+    assert ran == [False] * (WARM_UP + steps) + [True, True]  # decided as step 4 began
+    assert reports[WARM_UP + steps - 1]["measured"] == steps
+    outcome = reports[-1]
+    assert 0 < outcome["predicted_seconds_after"]
+    # The plan in force is among the candidates: the best is never predicted slower.
+    assert outcome["predicted_seconds_after"] <= outcome["predicted_seconds_before"] * (1 + TIE)
+    assert outcome["changed"] == (outcome["predicted_seconds_after"]
+                                  < outcome["predicted_seconds_before"] * (1 - IMPROVEMENT))
+    assert outcome["changed"] == (plans[-1] is not plans[0])
+    assert "refinement: on 2 measured step(s)" in s.report()
+
+
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet"])
+def test_a_clear_gain_replans_within_the_budget_and_bit_identically(name, monkeypatch):
+    """The spec says compute is slow (1 GFLOP/s) and the link slow (100 MB/s): the first
+    plan offloads, its copies hidden behind the estimated compute. The measured times (this
+    CPU's, scaled to a device ``FAST`` times faster) leave nothing to hide them behind:
+    recomputing instead is far faster, and the session re-plans to it."""
+    monkeypatch.setenv("VMEM_EMULATED_DEVICE", "h2d=1e8,d2h=1e8,flops=1e9")
+    measured = LayerTimer.median
+    monkeypatch.setattr(LayerTimer, "median", lambda timer, skip=0: {
+        layer: (fwd * FAST, bwd * FAST) for layer, (fwd, bwd) in measured(timer, skip).items()})
+    budget = budgets(name, "auto")[1]
+    _, losses, grads = train(build(name), steps=5)
+    s, got_losses, got_grads, plans, reports = _train_recording(build(name), 5, budget=budget,
+                                                                refine_steps=2)
+    assert plans[0].offloaded > 0 and not plans[0].splits
+    assert plans[-1] is not plans[0] and plans[-1].splits  # recomputes a run
+    assert reports[-1]["changed"]
+    assert reports[-1]["predicted_seconds_after"] == plans[-1].predicted_seconds
+    assert plans[-1].budget == budget and s.peak <= budget
+    assert all(torch.equal(a, b) for a, b in zip(losses, got_losses, strict=True))
+    for step, (want, got) in enumerate(zip(grads, got_grads, strict=True)):
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), step
