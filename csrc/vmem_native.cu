@@ -309,7 +309,9 @@ __global__ void pack_kernel(const T* __restrict__ src, size_t numel,
   const size_t words = mask_words(numel);
   const size_t first = (size_t)blockIdx.x * kChunkWords + (size_t)warp * kWordsPerWarp;
   const uint32_t my_bits = first + lane < words ? mask[first + lane] : 0u;
-  if (first + lane < words) out_mask[first + lane] = my_bits;
+  // The mask's zero padding up to the values' 16-byte boundary too (in the last chunk: a
+  // chunk is a multiple of 4 words), so every byte before the values is defined.
+  if (first + lane < (words + 3) / 4 * 4) out_mask[first + lane] = my_bits;
   const unsigned long long my_offset = word_offset(my_bits, chunk_offsets, warp_totals);
   for (int j = 0; j < kWordsPerWarp; ++j) {
     const uint32_t bits = __shfl_sync(0xffffffffu, my_bits, j);
@@ -420,14 +422,22 @@ int vmem_arena_create(size_t block_bytes, int pinned, void** arena) {
 
 int vmem_arena_alloc(void* arena, size_t nbytes, void** out) {
   Arena* a = static_cast<Arena*>(arena);
-  std::lock_guard<std::mutex> lock(a->mu);
-  return a->alloc(nbytes, out);
+  try {
+    std::lock_guard<std::mutex> lock(a->mu);
+    return a->alloc(nbytes, out);
+  } catch (...) {  // std::bad_alloc from the maps: no exception crosses the C ABI
+    return cudaErrorMemoryAllocation;
+  }
 }
 
 int vmem_arena_free(void* arena, void* ptr) {
   Arena* a = static_cast<Arena*>(arena);
-  std::lock_guard<std::mutex> lock(a->mu);
-  return a->release(ptr);
+  try {
+    std::lock_guard<std::mutex> lock(a->mu);
+    return a->release(ptr);
+  } catch (...) {
+    return cudaErrorMemoryAllocation;
+  }
 }
 
 int vmem_arena_trim(void* arena) {
@@ -504,9 +514,21 @@ size_t vmem_compress_workspace_bytes(size_t numel) {
 // memory, or mapped pinned host memory (the kernels then write across the link directly,
 // only the header, mask and non-zeros). out must hold vmem_compressed_bound bytes; the
 // header's non-zero count says how many of them are used.
+namespace {
+// Misaligned element access would be a sticky error that ends the whole CUDA context.
+bool misaligned(const void* p, int align) { return reinterpret_cast<uintptr_t>(p) % align; }
+bool valid_size(int elem_size) {
+  return elem_size == 1 || elem_size == 2 || elem_size == 4 || elem_size == 8;
+}
+}  // namespace
+
 int vmem_compress(const void* src, size_t numel, int elem_size, void* out, void* workspace,
                   void* stream) {
   cudaStream_t s = (cudaStream_t)stream;
+  if (!valid_size(elem_size) || misaligned(out, 16) || misaligned(workspace, 16) ||
+      misaligned(src, elem_size)) {
+    return cudaErrorInvalidValue;
+  }
   switch (elem_size) {
     case 1: return compress<uint8_t>(src, numel, out, workspace, s);
     case 2: return compress<uint16_t>(src, numel, out, workspace, s);
@@ -520,6 +542,10 @@ int vmem_compress(const void* src, size_t numel, int elem_size, void* out, void*
 int vmem_decompress(const void* in, size_t numel, int elem_size, void* dst, void* workspace,
                     void* stream) {
   cudaStream_t s = (cudaStream_t)stream;
+  if (!valid_size(elem_size) || misaligned(in, 16) || misaligned(workspace, 16) ||
+      misaligned(dst, elem_size)) {
+    return cudaErrorInvalidValue;
+  }
   switch (elem_size) {
     case 1: return decompress<uint8_t>(in, numel, dst, workspace, s);
     case 2: return decompress<uint16_t>(in, numel, dst, workspace, s);

@@ -125,3 +125,49 @@ def test_a_clear_gain_replans_within_the_budget_and_bit_identically(name, monkey
     assert all(torch.equal(a, b) for a, b in zip(losses, got_losses, strict=True))
     for step, (want, got) in enumerate(zip(grads, got_grads, strict=True)):
         assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), step
+
+
+class _ReluNet(nn.Module):
+    """Six convolutions and ReLUs in an nn.ModuleList, not an nn.Sequential: nothing to
+    recompute, so only offload plans compete, and half of what they offload is zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3 if i == 0 else 32, 32, 3, padding=1)
+                                    for i in range(6)])
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):  # (N, 3, 32, 32)
+        for conv in self.convs:
+            x = torch.relu(conv(x))  # (N, 32, 32, 32)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_measured_densities_make_the_replan_compress(monkeypatch):
+    """A slow link and a fast device: the offloads' copies dominate the measured step, the
+    sampled densities (about a half after each ReLU) make compression pay, and the re-plan
+    sends those offloads compressed -- bit-identically, within the budget."""
+    monkeypatch.setenv("VMEM_EMULATED_DEVICE", "h2d=1e8,d2h=1e8,flops=1e9")
+    measured = LayerTimer.median
+    monkeypatch.setattr(LayerTimer, "median", lambda timer, skip=0: {
+        layer: (fwd * FAST, bwd * FAST) for layer, (fwd, bwd) in measured(timer, skip).items()})
+    torch.manual_seed(0)
+    _, losses, grads = train(_ReluNet(), steps=5)
+    torch.manual_seed(0)
+    model = _ReluNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.raises(vmem.BudgetTooSmall) as least, \
+            vmem.session(model, optimizer=opt, budget=1, sample=torch.randn(SHAPE)):
+        pass
+    plain, _, _ = train(_ReluNet(), steps=1, policy="none")
+    budget = (least.value.minimum + plain.plan.predicted_peak) // 2  # offload some, not all
+    s, got_losses, got_grads, plans, reports = _train_recording(model, 5, budget=budget,
+                                                                refine_steps=2,
+                                                                backend="torch")
+    assert plans[0].offloaded > 0 and not any(d.compress for d in plans[0].saves)
+    assert reports[-1]["changed"] and any(d.compress for d in plans[-1].saves)
+    assert plans[-1].link_bytes < plans[-1].offloaded_bytes
+    assert s.executor.counters.compressed_saves > 0 and s.peak <= budget
+    assert all(torch.equal(a, b) for a, b in zip(losses, got_losses, strict=True))
+    for step, (want, got) in enumerate(zip(grads, got_grads, strict=True)):
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), step

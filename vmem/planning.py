@@ -53,7 +53,8 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                optimizer: OptimizerProfile | None = None, gradients_held: bool = False,
                prefetch_distance: int | None = None, max_parts: int = MAX_PARTS,
                top_level_runs: bool = True, spec: HardwareSpec | None = None,
-               retime: Callable[[NetworkProfile], NetworkProfile] | None = None) -> Planned:
+               retime: Callable[[NetworkProfile], NetworkProfile] | None = None,
+               compress: bool = False) -> Planned:
     """The plan for one training step of ``model(*args, **kwargs)``, the runs it splits or
     recomputes ``{run: (parts, axis)}`` (empty when offloading suffices) and the profile of
     the model with those runs installed.
@@ -67,6 +68,7 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     the module docstring); without it ``auto`` is its offload plan alone. ``retime``: gives
     each profile made here its layer times (the session's measured ones,
     :mod:`vmem.refinement`); without it they are the shape-only profile's estimates.
+    ``compress``: the transfer backend compresses (see :func:`vmem.control.make_plan`).
 
     Raises:
         vmem.BudgetTooSmall: no plan fits; its ``minimum`` is the smallest budget that does
@@ -96,7 +98,8 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     def plan_of(profile, offload_policy: str = "auto" if approximate else policy):
         return make_plan(profile, budget=budget, policy=offload_policy,
                          prefetch_distance=prefetch_distance, optimizer=optimizer,
-                         gradients_held=gradients_held, headroom=headroom, spec=spec)
+                         gradients_held=gradients_held, headroom=headroom, spec=spec,
+                         compress=compress)
 
     runs = [run for run in find_runs(model) if top_level_runs or run.container]
     cheap_runs = [run for run in runs if cheap_stretches(run.layers(model))]

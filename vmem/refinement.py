@@ -12,6 +12,11 @@ refine by default on a GPU only: on the emulated device the layer times would be
 while the copies are emulated, so the comparison would mean little (``refine_steps`` turns
 it on there, for tests).
 
+The same steps sample each tracked save's density (its fraction of non-zero elements, on
+the device, read only at the re-plan); every candidate profile's saves take the density
+measured for the same layer and size, so that with a backend that compresses
+(:mod:`vmem.transfer.compression`) the re-plan sends compressed the offloads where that pays.
+
 Times move between candidates by name and by work: a layer with the same name and FLOPs as a
 timed one takes its time; one whose work changed (a run recomputed or split another way,
 or run plain where the plan in force ran it as one ``SplitRun``) takes its FLOPs at the
@@ -72,6 +77,7 @@ class Refinement:
         self.timer = LayerTimer(model, [layer.name for layer in planned.profile.layers
                                         if layer.module], device)
         self.groups = _groups(find_runs(model))
+        self.samples: list = []  # the executor's density samples (OffloadExecutor)
         self.outcome: Outcome | None = None
 
     @property
@@ -86,7 +92,17 @@ class Refinement:
     def retime(self):
         """The function that gives a candidate profile the measured times."""
         return functools.partial(measured_profile, reference=self.planned.profile,
-                                 times=self.timer.median(skip=WARM_UP), groups=self.groups)
+                                 times=self.timer.median(skip=WARM_UP), groups=self.groups,
+                                 densities=self.densities())
+
+    def densities(self) -> dict[tuple[str, int], float]:
+        """``{(layer, bytes): fraction of non-zero elements}`` over the sampled saves."""
+        nonzero: dict[tuple[str, int], list[int]] = {}
+        for layer, nbytes, numel, count in self.samples:
+            total = nonzero.setdefault((layer, nbytes), [0, 0])
+            total[0] += int(count)  # the steps are over: this waits for nothing long
+            total[1] += numel
+        return {key: count / numel for key, (count, numel) in nonzero.items() if numel}
 
     def decide(self, best: Planned, spec: HardwareSpec, retime) -> bool:
         """Whether ``best`` (planned on ``retime``'s times) replaces the plan in force."""
@@ -117,10 +133,11 @@ class Refinement:
 
 
 def measured_profile(profile: NetworkProfile, reference: NetworkProfile,
-                     times: dict[str, tuple[float, float]],
-                     groups: dict[str, Run]) -> NetworkProfile:
+                     times: dict[str, tuple[float, float]], groups: dict[str, Run],
+                     densities: dict[tuple[str, int], float] | None = None) -> NetworkProfile:
     """``profile`` with every layer's forward and backward ms from ``times``, which were
-    measured on the layers of ``reference``; ``groups`` maps layer names to their run.
+    measured on the layers of ``reference``; ``groups`` maps layer names to their run;
+    ``densities`` gives saves their measured density by (first layer's name, bytes).
     The rules are the module docstring's."""
     timed = {layer.name: layer for layer in reference.layers if layer.name in times}
     by_run: dict[Run, list[LayerProfile]] = {}
@@ -139,7 +156,11 @@ def measured_profile(profile: NetworkProfile, reference: NetworkProfile,
             forward_ms, backward_ms = layer.forward_flops * ms, layer.backward_flops * ms
         layers.append(dataclasses.replace(layer, forward_ms=forward_ms,
                                           backward_ms=backward_ms))
-    return dataclasses.replace(profile, layers=layers)
+    saves = [dataclasses.replace(save, density=(densities or {}).get(
+                 (profile.layers[save.layers[0]].name, save.nbytes)) if save.layers else None)
+             for save in profile.timeline.saves]
+    return dataclasses.replace(profile, layers=layers,
+                               timeline=dataclasses.replace(profile.timeline, saves=saves))
 
 
 def _groups(runs: list[Run]) -> dict[str, Run]:

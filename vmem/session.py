@@ -167,6 +167,7 @@ class Session:
             return
         self.meter.__enter__()
         self.meter.track(_held_tensors(self.model, self.optimizer))
+        self.backend.scratch = self.meter.paused  # the CPU reference's temporaries
 
     def _restore(self) -> None:
         """Undo everything: hooks, saved-tensor hooks, streams, pools, fraction, meter."""
@@ -239,6 +240,7 @@ class Session:
         if not refinement.ready:
             self._timing = refinement
             refinement.timer.start_step()
+            self.executor.density_samples = refinement.samples
             return
         retime = refinement.retime()
         best, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
@@ -253,6 +255,8 @@ class Session:
         if self._timing is not None:
             self._timing.timer.stop()
             self._timing = None
+        for executor in self._executors.values():  # sampling only while timing
+            executor.density_samples = None
 
     def _plan(self, args, kwargs, gradients_held: bool,
               retime=None) -> tuple[Planned, Splits | None]:
@@ -282,7 +286,7 @@ class Session:
             optimizer=profile_optimizer(self.optimizer) if self.optimizer else None,
             gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
             max_parts=self.config.split or MAX_PARTS, top_level_runs=False, spec=self.spec,
-            retime=retime)
+            retime=retime, compress=self.backend.compresses)
         if not planned.choices:
             return planned, None
         stash = HostStash(self.backend, self.host_pool, self.device)

@@ -65,7 +65,10 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     fastest simulated step, and the plan carries its predicted time. ``compress``: the
     transfer backend compresses, so an offload whose measured density (the profile's
     ``SavedStorage.density``) makes compression pay (:func:`~vmem.transfer.compression.pays`)
-    crosses the link compressed, and ``auto`` ranks saves by FLOPs per byte on the link.
+    crosses the link compressed, and ``auto`` ranks saves by FLOPs per byte on the link;
+    the plan without compression is made too, and taken when it alone fits (a compressed
+    save also holds its compressed bytes on the device while it is fetched back) or when it
+    is simulated no slower.
 
     Example::
 
@@ -76,6 +79,26 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
         >>> plan.predicted_peak <= plan.target < prof.peak_bytes
         True
     """
+    keywords = dict(budget=budget, policy=policy, prefetch_distance=prefetch_distance,
+                    optimizer=optimizer, gradients_held=gradients_held, headroom=headroom,
+                    min_bytes=min_bytes, spec=spec)
+    raw = _make_plan(profile, compress=False, **keywords)  # raises when nothing fits
+    if not compress or all(save.density is None for save in profile.timeline.saves):
+        return raw
+    try:
+        packed = _make_plan(profile, compress=True, **keywords)
+    except BudgetTooSmall:
+        return raw
+    if spec is None or packed.predicted_seconds < raw.predicted_seconds:
+        return packed
+    return raw
+
+
+def _make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
+               prefetch_distance: int | None, optimizer: OptimizerProfile | None,
+               gradients_held: bool, headroom: tuple[float, int], min_bytes: int,
+               spec: HardwareSpec | None, compress: bool) -> Plan:
+    """:func:`make_plan` with compression where it pays (``compress``) or nowhere."""
     layer_segment = segment_of_layers(profile.layers)
     state = optimizer.state_bytes if optimizer else 0
     held = state + (profile.param_bytes if gradients_held else 0)
@@ -99,6 +122,8 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
         return BudgetTooSmall(budget, math.ceil((need + fixed) / (1 - fraction)), layer)
 
     link = [_link_bytes(save, compress) for save in model.saves]
+    model.transient = [n if n < save.nbytes else 0 for n, save in zip(link, model.saves,
+                                                                      strict=True)]
     order = _candidates(profile, model, policy, link)
     if policy == "auto":
         offloaded = [] if target is None else _shortest_prefix(order, target, peak)

@@ -120,6 +120,9 @@ class OffloadExecutor:
         self.segments = max((s.segment for s in plan.saves), default=0) + 1
         self.counters = counters or TransferCounters()
         self.layer = "-"  # the layer of the latest tracked save, for error messages
+        # When a list: each tracked save's (layer, bytes, elements, non-zero count on the
+        # device) is appended, for the planner's compression choice (read after the step).
+        self.density_samples: list[tuple[str, int, int, torch.Tensor]] | None = None
         self._warned = False
         self.start_forward(resident)
         host_pool.reserve(plan.host_bytes)
@@ -167,6 +170,9 @@ class OffloadExecutor:
             return _Entry(self.segments - 1, None)
         decision = decisions[ordinal]
         self.layer = decision.layer
+        if self.density_samples is not None and t.dtype.is_floating_point:
+            self.density_samples.append((decision.layer, nbytes, t.numel(),
+                                         torch.count_nonzero(t.detach())))
         if decision.action != OFFLOAD or not self.in_sync or t.is_complex():
             return _Entry(decision.segment, None)
         stored = self._offload(t, storage, decision.segment, decision.compress)

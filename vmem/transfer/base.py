@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import torch
 
@@ -21,6 +22,10 @@ class TransferBackend(abc.ABC):
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        # The context the backend makes its scratch tensors in (the CPU reference's, on the
+        # emulated device): the session pauses the emulated meter there, as the kernels'
+        # workspace on a GPU is a few percent of a tensor.
+        self.scratch = contextlib.nullcontext
 
     @property
     def compresses(self) -> bool:

@@ -21,6 +21,7 @@ class CupyBackend(TorchBackend):
             raise RuntimeError(f"the cupy backend needs a CUDA device, not {device}")
         super().__init__(device)
         self.cupy = cupy
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
         self.pinned_pool = cupy.cuda.PinnedMemoryPool()
 
     @property
@@ -32,7 +33,7 @@ class CupyBackend(TorchBackend):
         return torch.frombuffer(memory, dtype=torch.uint8, count=max(nbytes, 1))[:nbytes]
 
     def _stream(self, stream):
-        return self.cupy.cuda.ExternalStream(stream.cuda_stream, self.device.index or 0)
+        return self.cupy.cuda.ExternalStream(stream.cuda_stream, self.index)
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
         runtime = self.cupy.cuda.runtime

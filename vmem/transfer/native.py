@@ -301,18 +301,29 @@ class Arena:
         return stats.as_dict()
 
 
-@functools.cache
 def load() -> NativeLibrary:
-    """The library, built first if need be (cached for the process).
+    """The library, built first if need be; the outcome, failure included, is kept for the
+    process, so a failed build is tried once.
 
     Raises:
         NativeError: it could not be built or loaded; the message says why.
     """
-    path = os.environ.get("VMEM_NATIVE_LIBRARY") or build()
+    outcome = _load()
+    if isinstance(outcome, NativeError):
+        raise outcome
+    return outcome
+
+
+@functools.cache
+def _load() -> NativeLibrary | NativeError:
+    path = os.environ.get("VMEM_NATIVE_LIBRARY")
     try:
+        path = path or build()
         return NativeLibrary(path)
+    except NativeError as error:
+        return error
     except OSError as error:
-        raise NativeError(f"cannot load {path}: {error}") from error
+        return NativeError(f"cannot load {path}: {error}")
 
 
 def status() -> str:

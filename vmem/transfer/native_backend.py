@@ -11,6 +11,9 @@ memory and compression runs the CPU reference, so the emulated device exercises 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from . import compression, native
@@ -30,24 +33,35 @@ class NativeBackend(TorchBackend):
                 raise native.NativeError(f"the native library sees no CUDA device ({why})")
         super().__init__(device)
         self.arena = native.Arena(self.library, pinned=self.cuda)
+        if self.cuda:  # the library's runtime uses the thread's current device: make it ours
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._on_device = functools.partial(torch.cuda.device, index)
+        else:
+            self._on_device = contextlib.nullcontext
 
     @property
     def compresses(self) -> bool:
         return True
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
+        # Unlike torch's pinned allocator, the arena reuses freed bytes at once, without
+        # waiting for copies still reading or writing them: the executor's rules keep that
+        # safe (a slice goes back only once its copies are done; see _Stored.__del__).
         return self.arena.tensor(nbytes)
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
-        self.library.copy(dst.data_ptr(), src.data_ptr(), src.numel(), stream.cuda_stream)
+        with self._on_device():
+            self.library.copy(dst.data_ptr(), src.data_ptr(), src.numel(), stream.cuda_stream)
 
     def _record(self, stream) -> native.Event:
-        event = native.Event(self.library)
-        event.record(stream.cuda_stream)
+        with self._on_device():  # an event belongs to the device current at its creation
+            event = native.Event(self.library)
+            event.record(stream.cuda_stream)
         return event
 
     def _block(self, stream, event) -> None:
-        event.block(stream.cuda_stream)
+        with self._on_device():
+            event.block(stream.cuda_stream)
 
     def prefetch_many(self, items):
         if not self.cuda or len(items) < 2:
@@ -59,9 +73,10 @@ class NativeBackend(TorchBackend):
         for _, after in items:
             if after is not None:
                 self._block(stream, after)  # the host bytes must be complete
-        self.library.copy_batch([d.data_ptr() for d in dsts],
-                                [src.data_ptr() for src, _ in items],
-                                [src.numel() for src, _ in items], stream.cuda_stream)
+        with self._on_device():
+            self.library.copy_batch([d.data_ptr() for d in dsts],
+                                    [src.data_ptr() for src, _ in items],
+                                    [src.numel() for src, _ in items], stream.cuda_stream)
         done = self._record(stream)  # one event for the batch
         return [(dst, done) for dst in dsts]
 
@@ -79,8 +94,9 @@ class NativeBackend(TorchBackend):
         numel = src.numel() // elem_size
         with torch.cuda.stream(stream):
             workspace = self._workspace(numel)
-        self.library.compress(src.data_ptr(), numel, elem_size, dst.data_ptr(),
-                              workspace.data_ptr(), stream.cuda_stream)
+        with self._on_device():
+            self.library.compress(src.data_ptr(), numel, elem_size, dst.data_ptr(),
+                                  workspace.data_ptr(), stream.cuda_stream)
         src.record_stream(stream)  # rule 2
         return self._record(stream)
 
@@ -97,7 +113,8 @@ class NativeBackend(TorchBackend):
             packed = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             dense = torch.empty(numel * elem_size, dtype=torch.uint8, device=self.device)
             workspace = self._workspace(numel)
-        self.library.copy(packed.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
-        self.library.decompress(packed.data_ptr(), numel, elem_size, dense.data_ptr(),
-                                workspace.data_ptr(), stream.cuda_stream)
+        with self._on_device():
+            self.library.copy(packed.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
+            self.library.decompress(packed.data_ptr(), numel, elem_size, dense.data_ptr(),
+                                    workspace.data_ptr(), stream.cuda_stream)
         return dense, self._record(stream)

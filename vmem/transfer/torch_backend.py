@@ -105,11 +105,13 @@ class TorchBackend(TransferBackend):
 
     # -- compressed offloads: the CPU reference --------------------------------------
     def offload_compressed(self, src: torch.Tensor, dst: torch.Tensor, elem_size: int):
-        packed = compression.compress(src.view(_INT_OF_SIZE[elem_size]))
-        dst[:packed.numel()].copy_(packed)
+        with self.scratch():
+            packed = compression.compress(src.view(_INT_OF_SIZE[elem_size]))
+            dst[:packed.numel()].copy_(packed)
         return None
 
     def prefetch_compressed(self, src: torch.Tensor, elem_size: int, after):
-        _, numel, _ = compression.read_header(src)
-        dense = compression.decompress(src, _INT_OF_SIZE[elem_size], (numel,))
-        return dense.view(torch.uint8).to(self.device, copy=True), None
+        with self.scratch():
+            _, numel, _ = compression.read_header(src)
+            dense = compression.decompress(src, _INT_OF_SIZE[elem_size], (numel,))
+        return dense.view(torch.uint8).to(self.device, copy=True), None  # the device copy
