@@ -181,6 +181,9 @@ def test_report_and_json_report(tmp_path):
     data = json.loads(path.read_text())
     assert data["measured_peak"] == s.peak and data["plan"]["policy"] == "vdnn_all"
     assert vmem.Plan.from_json(json.dumps(data["plan"])) == s.plan
+    assert data["backend"] == s.backend.name and f"{s.backend.name} transfer backend" in text
+    if s.backend.name == "native":  # its arena backs the host pool
+        assert data["native_arena"]["peak_in_use"] >= data["host_pool"]["capacity"] > 0
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -348,6 +348,10 @@ class Session:
             data["offloaded_bytes"] = self.executor.offloaded_bytes
             data["prefetched_bytes"] = self.executor.prefetched_bytes
             data["reused_bytes"] = self.executor.reused_bytes
+            data["compressed_saves"] = self.executor.counters.compressed_saves
+            data["backend"] = self.backend.name
+            arena = getattr(self.backend, "arena", None)  # the native backend's
+            data["native_arena"] = None if arena is None else arena.stats()
             refinement = self._refinements.get(self._planned_for)
             data["refinement"] = None if refinement is None else refinement.to_dict()
         return data
@@ -373,7 +377,9 @@ class Session:
             f"prefetched ahead, {staging.on_demand} on demand",
             f"transfers: {format_bytes(self.executor.offloaded_bytes)} offloaded, "
             f"{format_bytes(self.executor.prefetched_bytes)} fetched back, "
-            f"{format_bytes(self.executor.reused_bytes)} still on the device when needed",
+            f"{format_bytes(self.executor.reused_bytes)} still on the device when needed, "
+            f"{self.executor.counters.compressed_saves} offload(s) compressed; "
+            f"{self.backend.name} transfer backend",
             self._refinement_summary(),
         ])
 
