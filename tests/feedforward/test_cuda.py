@@ -6,6 +6,10 @@ from nets import NETS, SHAPE, build
 from torch import nn
 
 import vmem
+from vmem.control import make_plan
+from vmem.feedforward import HostPool, OffloadExecutor, StagingPool
+from vmem.preprocessing import profile_network
+from vmem.transfer import backends, make_backend
 
 pytestmark = pytest.mark.gpu
 
@@ -44,16 +48,16 @@ def _train(name, steps=3, sleep=0, slow_prefetch=0, **session):
 
 
 def _slow_down_prefetch(s, cycles):
-    """Queue a sleep on the prefetch stream before every copy back."""
+    """Queue a sleep on the prefetch stream before every batch of copies back."""
     backend = s.backend
-    prefetch = backend.prefetch
+    prefetch_many = backend.prefetch_many
 
-    def slow(src, after):
+    def slow(items):
         with torch.cuda.stream(backend.prefetch_stream):
             torch.cuda._sleep(cycles)
-        return prefetch(src, after)
+        return prefetch_many(items)
 
-    backend.prefetch = slow
+    backend.prefetch_many = slow
 
 
 @pytest.mark.parametrize("policy", ["vdnn_all", "vdnn_conv", "recompute", "auto"])
@@ -66,11 +70,15 @@ def test_bit_identical_on_cuda(name, policy):
         assert all(torch.equal(a, b) for a, b in zip(want, have, strict=True))
 
 
-def test_race_delayed_streams_twenty_times():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_race_delayed_streams_twenty_times(backend):
+    if backend not in backends():
+        pytest.skip(f"{backend} backend unavailable here")
     _, plain, _ = _train("resnet")
     for _ in range(20):
-        s, got, _ = _train("resnet", sleep=200_000, slow_prefetch=2_000_000, policy="vdnn_all")
-        assert s.executor.prefetched_bytes > 0
+        s, got, _ = _train("resnet", sleep=200_000, slow_prefetch=2_000_000, policy="vdnn_all",
+                           backend=backend)
+        assert s.executor.prefetched_bytes > 0 and s.backend.name == backend
         for want, have in zip(plain, got, strict=True):
             assert all(torch.equal(a, b) for a, b in zip(want, have, strict=True))
 
@@ -111,3 +119,34 @@ def test_split_vgg16_shape_within_a_budget_offloading_cannot_meet_on_cuda():
     assert s.host_pool.stats.peak_in_use > 0  # the split runs' inputs went to the host
     for a, b in zip(got, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_compressed_offloads_under_delayed_streams():
+    """The native backend's compress-to-host and decompress kernels inside the executor, the
+    compute stream delayed before every layer: gradients equal plain PyTorch's."""
+    if "native" not in backends():
+        pytest.skip("native backend unavailable here")
+    x = torch.randn(SHAPE, device="cuda")
+    plain = build("resnet").cuda()
+    plain(x).sum().backward()
+    model = build("resnet").cuda()
+    profile = profile_network(model, SHAPE)
+    for save in profile.timeline.saves:
+        save.density = 0.3  # compress every offload
+    plan = make_plan(profile, budget=None, policy="vdnn_all", compress=True)
+    backend = make_backend("native", torch.device("cuda"))
+    keys = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(), x]}
+    executor = OffloadExecutor(plan, torch.device("cuda"), backend, HostPool(backend.host_buffer),
+                               StagingPool(), keys)
+    handles = [m.register_forward_pre_hook(lambda *_: torch.cuda._sleep(200_000))
+               for m in model.modules() if next(m.children(), None) is None]
+    executor.start_forward(keys)
+    with torch.autograd.graph.saved_tensors_hooks(executor.pack, executor.unpack):
+        out = model(x)
+    out.sum().backward()
+    for handle in handles:
+        handle.remove()
+    torch.cuda.synchronize()
+    assert executor.counters.compressed_saves == plan.offloaded > 0
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
