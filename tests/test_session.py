@@ -204,3 +204,16 @@ def test_bad_input_is_a_clear_error(kwargs, error, match):
 def test_a_non_module_is_a_clear_error():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         vmem.session(lambda x: x, budget="1GiB")
+
+
+@pytest.mark.parametrize("policy", ["none", "vdnn_all", "auto"])
+def test_forwards_without_backward_leave_nothing_behind(policy):
+    """Evaluation with gradients on: each forward's graph, kept saves included, is freed
+    with its output (see Note: [A kept save holds no graph])."""
+    model = build("resnet")
+    with vmem.session(model, budget="1GiB", policy=policy) as s:
+        model(torch.randn(SHAPE))  # plans, then frees its graph
+        after_first = s.meter.current
+        for _ in range(3):
+            model(torch.randn(SHAPE))
+        assert s.meter.current == after_first

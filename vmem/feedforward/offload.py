@@ -95,8 +95,15 @@ class _Kept:
 
     __slots__ = ("tensor", "segment")
 
+    # Note: [A kept save holds no graph]
+    # It holds a detached alias (same storage and version counter, no grad_fn): a saved
+    # output holding itself would close a cycle -- its grad_fn holds this object, which
+    # holds the output, which holds its grad_fn -- that Python's collector cannot see
+    # through the C++ graph, so a forward whose backward never runs (evaluation with
+    # gradients on) would leak its kept saves. Autograd rebuilds the unpacked tensor's
+    # grad_fn from its own metadata, as it does for save_on_cpu's copies.
     def __init__(self, tensor: torch.Tensor, segment: int) -> None:
-        self.tensor, self.segment = tensor, segment
+        self.tensor, self.segment = tensor.detach(), segment
 
 
 @dataclasses.dataclass
