@@ -157,7 +157,7 @@ def _compression_times(outputs: list[torch.Tensor]) -> list[str]:
         for src, raw_slot, packed_slot in zip(sources, raw_slots, packed_slots, strict=True):
             if compressed:
                 event = backend.offload_compressed(src, packed_slot, 4)
-                dst, done = backend.prefetch_compressed(packed_slot, 4, event)
+                dst, done = backend.prefetch_compressed(packed_slot, src.numel(), 4, event)
             else:
                 dst, done = backend.prefetch(raw_slot, backend.offload(src, raw_slot))
             backend.consume(dst, done)

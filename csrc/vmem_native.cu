@@ -23,7 +23,7 @@
 
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 constexpr size_t kAlign = 512;  // every arena allocation starts on this boundary
 
 size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -350,12 +350,14 @@ struct Workspace {
   unsigned long long* total;
 };
 
+// Workspace layout: the chunk counts and the total, then (compress only) the mask.
+size_t counts_bytes(size_t numel) { return (chunks(numel) * 8 + 8 + 15) / 16 * 16; }
+
 Workspace carve(void* workspace, size_t numel) {
   char* base = static_cast<char*>(workspace);
-  const size_t mask_bytes = (mask_words(numel) * 4 + 15) / 16 * 16;
-  return {reinterpret_cast<uint32_t*>(base),
-          reinterpret_cast<unsigned long long*>(base + mask_bytes),
-          reinterpret_cast<unsigned long long*>(base + mask_bytes + chunks(numel) * 8)};
+  return {reinterpret_cast<uint32_t*>(base + counts_bytes(numel)),
+          reinterpret_cast<unsigned long long*>(base),
+          reinterpret_cast<unsigned long long*>(base + chunks(numel) * 8)};
 }
 
 template <typename T>
@@ -505,15 +507,20 @@ int vmem_event_destroy(void* event) { return cudaEventDestroy((cudaEvent_t)event
 
 // -- zero-value compression --------------------------------------------------------------
 
-// Bytes of device workspace compress and decompress need for numel elements.
+// Bytes of device workspace compress needs for numel elements (the mask and chunk counts).
 size_t vmem_compress_workspace_bytes(size_t numel) {
-  return (mask_words(numel) * 4 + 15) / 16 * 16 + chunks(numel) * 8 + 8;
+  return counts_bytes(numel) + mask_words(numel) * 4;
 }
+
+// Bytes of device workspace decompress needs: the chunk counts only (8 bytes per 8192
+// elements), as it reads the mask where the buffer is.
+size_t vmem_decompress_workspace_bytes(size_t numel) { return counts_bytes(numel); }
 
 // Compresses numel elements of elem_size bytes from device memory src into out: device
 // memory, or mapped pinned host memory (the kernels then write across the link directly,
-// only the header, mask and non-zeros). out must hold vmem_compressed_bound bytes; the
-// header's non-zero count says how many of them are used.
+// only the header, mask and non-zeros). out must hold the compressed size at full density
+// (vmem/transfer/compression.py: compressed_nbytes(numel, elem_size, numel)); the header's
+// non-zero count says how many of those bytes are used.
 namespace {
 // Misaligned element access would be a sticky error that ends the whole CUDA context.
 bool misaligned(const void* p, int align) { return reinterpret_cast<uintptr_t>(p) % align; }
@@ -538,7 +545,9 @@ int vmem_compress(const void* src, size_t numel, int elem_size, void* out, void*
   }
 }
 
-// Decompresses in (device memory holding a compressed buffer) into dense device memory dst.
+// Decompresses in -- device memory, or the mapped pinned host memory compress wrote: the
+// kernels then read across the link directly, and only the mask and non-zeros cross it --
+// into dense device memory dst.
 int vmem_decompress(const void* in, size_t numel, int elem_size, void* dst, void* workspace,
                     void* stream) {
   cudaStream_t s = (cudaStream_t)stream;

@@ -171,3 +171,18 @@ def test_measured_densities_make_the_replan_compress(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(losses, got_losses, strict=True))
     for step, (want, got) in enumerate(zip(grads, got_grads, strict=True)):
         assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), step
+
+
+def test_sampling_stops_after_the_measured_forwards_even_without_backward():
+    """Validation forwards with gradients on but no backward never finish a measured step;
+    the density samples still stop growing, and they stay one entry per save."""
+    model = _ReluNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with vmem.session(model, optimizer=opt, budget=7 * 2**20, refine_steps=2) as s:
+        for _ in range(10):
+            model(torch.randn(SHAPE))  # no backward
+        refinement = s._refinements[s._planned_for]
+        assert refinement.sampled == WARM_UP + 2 and refinement.outcome is None
+        tracked = len({(d.layer, d.nbytes) for d in s.plan.saves})
+        assert len(refinement.samples) == tracked
+        assert all(0 < count <= elements for count, elements in refinement.samples.values())

@@ -62,6 +62,7 @@ class Outcome:
     before_s: float  # the plan in force, simulated on the measured times
     after_s: float  # the best plan on the measured times
     changed: bool  # whether that plan was adopted
+    error: str | None = None  # why the re-plan failed (the plan in force stays), if it did
 
 
 class Refinement:
@@ -77,8 +78,17 @@ class Refinement:
         self.timer = LayerTimer(model, [layer.name for layer in planned.profile.layers
                                         if layer.module], device)
         self.groups = _groups(find_runs(model))
-        self.samples: list = []  # the executor's density samples (OffloadExecutor)
+        self.samples: dict = {}  # the executor's density samples (OffloadExecutor)
+        self.sampled = 0  # forwards sampled: at most WARM_UP + steps, backward or not
         self.outcome: Outcome | None = None
+
+    def sampling(self) -> dict | None:
+        """The dict the executor samples densities into this forward; None once enough
+        forwards were sampled (forwards without a backward count too)."""
+        if self.sampled >= WARM_UP + self.steps:
+            return None
+        self.sampled += 1
+        return self.samples
 
     @property
     def measured(self) -> int:
@@ -97,12 +107,15 @@ class Refinement:
 
     def densities(self) -> dict[tuple[str, int], float]:
         """``{(layer, bytes): fraction of non-zero elements}`` over the sampled saves."""
-        nonzero: dict[tuple[str, int], list[int]] = {}
-        for layer, nbytes, numel, count in self.samples:
-            total = nonzero.setdefault((layer, nbytes), [0, 0])
-            total[0] += int(count)  # the steps are over: this waits for nothing long
-            total[1] += numel
-        return {key: count / numel for key, (count, numel) in nonzero.items() if numel}
+        # The sampled steps are over: reading the counts waits for nothing long.
+        return {key: int(count) / elements for key, (count, elements) in self.samples.items()
+                if elements}
+
+    def give_up(self, error: Exception) -> None:
+        """The re-plan failed: keep the plan in force, and say why in the report."""
+        self.samples.clear()
+        self.outcome = Outcome(float("nan"), float("nan"), False, f"{type(error).__name__}: "
+                               f"{str(error).strip().splitlines()[0]}")
 
     def decide(self, best: Planned, spec: HardwareSpec, retime) -> bool:
         """Whether ``best`` (planned on ``retime``'s times) replaces the plan in force."""
@@ -111,6 +124,7 @@ class Refinement:
         after = best.plan.predicted_seconds
         changed = after is not None and after < before * (1 - IMPROVEMENT)
         self.outcome = Outcome(before, before if after is None else after, changed)
+        self.samples.clear()  # the counts' device memory
         return changed
 
     def to_dict(self) -> dict:
@@ -118,13 +132,15 @@ class Refinement:
         if self.outcome is not None:
             data.update(predicted_seconds_before=self.outcome.before_s,
                         predicted_seconds_after=self.outcome.after_s,
-                        changed=self.outcome.changed)
+                        changed=self.outcome.changed, error=self.outcome.error)
         return data
 
     def summary(self) -> str:
         if self.outcome is None:
             return (f"refinement: measuring, {self.measured} of {self.steps} step(s) "
                     f"after {WARM_UP} warm-up")
+        if self.outcome.error is not None:
+            return f"refinement: the re-plan failed, kept the plan ({self.outcome.error})"
         before, after = self.outcome.before_s * 1e3, self.outcome.after_s * 1e3
         verdict = "re-planned" if self.outcome.changed else \
             f"kept the plan (not more than {IMPROVEMENT:.0%} faster)"

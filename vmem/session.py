@@ -240,11 +240,16 @@ class Session:
         if not refinement.ready:
             self._timing = refinement
             refinement.timer.start_step()
-            self.executor.density_samples = refinement.samples
+            self.executor.density_samples = refinement.sampling()
             return
         retime = refinement.retime()
-        best, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
-                                  retime=retime)
+        try:
+            best, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
+                                      retime=retime)
+        except Exception as error:  # noqa: BLE001 -- training goes on under the plan in force
+            refinement.give_up(error)
+            log.warning("vmem: %s", refinement.summary())
+            return
         if refinement.decide(best, self.spec, retime):
             self._install(self._planned_for, best.plan, splits, args, kwargs)
         else:

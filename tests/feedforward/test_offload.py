@@ -104,6 +104,7 @@ def test_compressed_offloads_give_identical_gradients_and_round_trip():
                                HostPool(backend.host_buffer), StagingPool(), keys)
     _step(offloaded, executor, x)
     assert executor.counters.compressed_saves == plan.offloaded
+    assert executor.prefetched_bytes == executor.offloaded_bytes  # all decompressed back
     assert executor.host_pool.stats.overflow_allocations == 0  # host_bytes reserved enough
     for p, q in zip(plain.parameters(), offloaded.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)

@@ -66,7 +66,7 @@ def test_native_backend_on_the_emulated_device():
     assert torch.equal(fetched, src)
     slot = backend.host_buffer(compression.compressed_nbytes(1000, 4, 1000))
     backend.offload_compressed(src, slot, 4)
-    dense, _ = backend.prefetch_compressed(slot, 4, None)
+    dense, _ = backend.prefetch_compressed(slot, 4000, 4, None)
     assert torch.equal(dense, src)
 
 

@@ -76,7 +76,7 @@ def test_compressed_offload_through_pinned_host_memory(library):
     slot = backend.host_buffer(compression.compressed_nbytes(x.numel(), 4, x.numel()))
     assert slot.is_pinned()
     event = backend.offload_compressed(src, slot, 4)
-    dense, done = backend.prefetch_compressed(slot, 4, event)
+    dense, done = backend.prefetch_compressed(slot, src.numel(), 4, event)
     backend.consume(dense, done)
     assert torch.equal(dense, src)
     _, numel, nnz = compression.read_header(slot[:64])

@@ -4,10 +4,10 @@ The profile's timeline gives the plain step's memory during each operator and, f
 saved storage, when the forward code lets go of it (``released_at``), when backward first
 needs it (``needed_at``) and when plain training frees it. Offloading a storage removes its
 bytes from the moment it is released until its prefetch is issued; nothing else changes, so
-offloading more never raises the curve (the planner relies on that) -- except by a compressed
-save's *transient*: its compressed bytes, on the device beside the decompressed copy during
-the operator that fetches it back (the bisection stays safe: the planner checks the peak of
-what it picks).
+offloading more never raises the curve (the planner relies on that). A compressed offload
+changes nothing here: its bytes leave and come back whole (the kernels read and write the host
+slot directly; their workspace is the chunk counts and, in forward, a mask of a thirty-second
+of an fp32 save, which the headroom covers).
 
 The prefetch of a storage is issued by the first unpack, in backward, of any tracked save of a
 segment no more than ``distance`` segments after the storage's own, which is the rule the
@@ -44,8 +44,6 @@ class MemoryModel:
         for save, segment in zip(self.saves, self.segment, strict=True):
             first_unpack[segment] = min(first_unpack[segment], save.needed_at)
         self.first_unpack = first_unpack
-        # Per save: bytes also held while it is fetched back (compressed bytes; 0: raw).
-        self.transient = [0] * len(self.saves)
 
     def prefetch_at(self, segment: int, distance: int) -> int:
         """Operator index by which a storage needed in ``segment`` has been fetched back."""
@@ -60,8 +58,7 @@ class MemoryModel:
             end = min(self.prefetch_at(self.segment[index], distance), save.needed_at)
             if start < end:
                 delta[start] -= save.nbytes
-                delta[end] += save.nbytes + self.transient[index]
-                delta[end + 1] -= self.transient[index]
+                delta[end] += save.nbytes
         return self.base + torch.cumsum(delta, 0)[: self.steps]
 
     def staging_bytes(self, offloaded: list[int], distance: int) -> int:

@@ -22,6 +22,7 @@ class SaveDecision:
     segment: int  # the segment whose backward needs it first
     action: str  # KEEP or OFFLOAD
     compressed_bytes: int = 0  # offloaded compressed: the predicted bytes on the link; 0: raw
+    elem_size: int = 0  # bytes per element, where compressed (the format's unit)
 
     @property
     def compress(self) -> bool:
@@ -112,8 +113,8 @@ class Plan:
     def host_bytes(self) -> int:
         """Host pool bytes one step needs: a compressed save's slot holds its worst case."""
         return self.streamed_bytes + sum(
-            compressed_nbytes(s.nbytes, 1, s.nbytes) if s.compress else s.nbytes
-            for s in self.saves if s.action == OFFLOAD)
+            compressed_nbytes(s.nbytes // s.elem_size, s.elem_size, s.nbytes // s.elem_size)
+            if s.compress else s.nbytes for s in self.saves if s.action == OFFLOAD)
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(dataclasses.asdict(self), **kwargs)

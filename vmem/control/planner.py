@@ -65,10 +65,10 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     fastest simulated step, and the plan carries its predicted time. ``compress``: the
     transfer backend compresses, so an offload whose measured density (the profile's
     ``SavedStorage.density``) makes compression pay (:func:`~vmem.transfer.compression.pays`)
-    crosses the link compressed, and ``auto`` ranks saves by FLOPs per byte on the link;
-    the plan without compression is made too, and taken when it alone fits (a compressed
-    save also holds its compressed bytes on the device while it is fetched back) or when it
-    is simulated no slower.
+    crosses the link compressed, and ``auto`` ranks saves by FLOPs per byte on the link.
+    Compression moves no device memory (:mod:`.memory`); the plan without it is made too and
+    taken when the compressed one is simulated no faster (without ``spec``, the compressed
+    plan is taken).
 
     Example::
 
@@ -85,10 +85,7 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     raw = _make_plan(profile, compress=False, **keywords)  # raises when nothing fits
     if not compress or all(save.density is None for save in profile.timeline.saves):
         return raw
-    try:
-        packed = _make_plan(profile, compress=True, **keywords)
-    except BudgetTooSmall:
-        return raw
+    packed = _make_plan(profile, compress=True, **keywords)  # same memory: fits as raw does
     if spec is None or packed.predicted_seconds < raw.predicted_seconds:
         return packed
     return raw
@@ -122,8 +119,6 @@ def _make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
         return BudgetTooSmall(budget, math.ceil((need + fixed) / (1 - fraction)), layer)
 
     link = [_link_bytes(save, compress) for save in model.saves]
-    model.transient = [n if n < save.nbytes else 0 for n, save in zip(link, model.saves,
-                                                                      strict=True)]
     order = _candidates(profile, model, policy, link)
     if policy == "auto":
         offloaded = [] if target is None else _shortest_prefix(order, target, peak)
@@ -210,7 +205,8 @@ def _assemble(profile, model, layer_segment, policy, budget, target, fraction, f
     chosen = set(offloaded)
     saves = [SaveDecision(s.nbytes, profile.layers[s.layers[0]].name, model.segment[i],
                           OFFLOAD if i in chosen else KEEP,
-                          link[i] if i in chosen and link[i] < s.nbytes else 0)
+                          *((link[i], s.elem_size) if i in chosen and link[i] < s.nbytes
+                            else (0, 0)))
              for i, s in enumerate(model.saves)]
     plain = model.memmax(model.curve([], distance))
     planned = model.memmax(model.curve(offloaded, distance))

@@ -122,7 +122,6 @@ def simulate(profile: NetworkProfile, plan: Plan, spec: HardwareSpec) -> Simulat
     """Predict one training step of ``plan`` (made from ``profile``) on ``spec``."""
     layer_segment = segment_of_layers(profile.layers)
     model = MemoryModel(profile, layer_segment, plan.min_bytes, plan.resident_bytes)
-    model.transient = [d.compressed_bytes for d in plan.saves]
     offloaded = [i for i, d in enumerate(plan.saves) if d.action == OFFLOAD]
     distance = plan.prefetch_distance
     seconds = _op_seconds(profile, spec)

@@ -25,7 +25,7 @@ import torch
 
 from ..control.plan import OFFLOAD, Plan
 from ..transfer import TransferBackend
-from ..transfer.compression import compressed_nbytes
+from ..transfer.compression import compressed_nbytes, count_nonzero
 from .pools import HostPool, StagingPool
 
 __all__ = ["OffloadExecutor", "TransferCounters"]
@@ -127,12 +127,13 @@ class OffloadExecutor:
         self.segments = max((s.segment for s in plan.saves), default=0) + 1
         self.counters = counters or TransferCounters()
         self.layer = "-"  # the layer of the latest tracked save, for error messages
-        # When a list: each tracked save's (layer, bytes, elements, non-zero count on the
-        # device) is appended, for the planner's compression choice (read after the step).
-        self.density_samples: list[tuple[str, int, int, torch.Tensor]] | None = None
+        # When a dict: each tracked save's storage adds its non-zero elements (a count on the
+        # device) and its elements to {(layer, bytes): [count, elements]}, for the planner's
+        # compression choice (read after the steps).
+        self.density_samples: dict[tuple[str, int], list] | None = None
         self._warned = False
         self.start_forward(resident)
-        host_pool.reserve(plan.host_bytes)
+        host_pool.reserve(plan.host_bytes, slices=plan.offloaded + len(plan.splits))
 
     def start_forward(self, resident: set[int]) -> None:
         """Reset the per-step state as the model's forward begins; ``resident`` are the
@@ -177,13 +178,25 @@ class OffloadExecutor:
             return _Entry(self.segments - 1, None)
         decision = decisions[ordinal]
         self.layer = decision.layer
-        if self.density_samples is not None and t.dtype.is_floating_point:
-            self.density_samples.append((decision.layer, nbytes, t.numel(),
-                                         torch.count_nonzero(t.detach())))
+        if self.density_samples is not None:
+            self._sample_density(t, storage, decision.layer)
         if decision.action != OFFLOAD or not self.in_sync or t.is_complex():
             return _Entry(decision.segment, None)
         stored = self._offload(t, storage, decision.segment, decision.compress)
         return _Entry(decision.segment, stored)
+
+    def _sample_density(self, t: torch.Tensor, storage, layer: str) -> None:
+        """Add the storage's non-zero elements, as the compressed format counts them (bit
+        patterns of ``t``'s element size), to ``density_samples``."""
+        nbytes, elem_size = storage.nbytes(), t.element_size()
+        if not t.dtype.is_floating_point or nbytes % elem_size:
+            return
+        elements = torch.empty(0, dtype=t.dtype, device=self.device).set_(
+            storage, 0, (nbytes // elem_size,))
+        sample = self.density_samples.setdefault((layer, nbytes), [0, 0])
+        with self.backend.scratch():  # a bounded temporary and a scalar (in the headroom)
+            sample[0] = sample[0] + count_nonzero(elements)
+        sample[1] += nbytes // elem_size
 
     def _offload(self, t: torch.Tensor, storage, segment: int,
                  compress: bool = False) -> _Stored | None:
@@ -295,7 +308,7 @@ class OffloadExecutor:
         for stored in batch:
             if stored.elem_size:
                 stored.device, stored.fetched = self.backend.prefetch_compressed(
-                    stored.host, stored.elem_size, stored.offloaded)
+                    stored.host, stored.nbytes, stored.elem_size, stored.offloaded)
             stored.consumed = False
             self.staging.track(stored.device, ahead)
             self.counters.prefetched_bytes += stored.nbytes

@@ -47,9 +47,11 @@ class HostPool:
         self.overflow = 0  # bytes of live buffers beside the arena
         self.stats = HostPoolStats()
 
-    def reserve(self, nbytes: int) -> None:
-        """Make the arena hold at least ``nbytes`` (one step's offloads) when next empty."""
-        nbytes = min(_aligned(nbytes), self.limit or nbytes)
+    def reserve(self, nbytes: int, slices: int = 0) -> None:
+        """Make the arena hold at least ``nbytes`` (one step's offloads) in ``slices`` slices
+        (each rounded up to the alignment) when next empty."""
+        nbytes = _aligned(nbytes) + slices * _ALIGN
+        nbytes = min(nbytes, self.limit or nbytes)
         if (self.arena is None or nbytes > self.stats.capacity) and self.live == 0 and nbytes:
             self.arena = None  # let the old arena go before pinning the new one
             self.arena = self.allocate(nbytes)

@@ -69,8 +69,9 @@ class TransferBackend(abc.ABC):
         ``compressed_nbytes(n, elem_size, n)`` bytes."""
         raise NotImplementedError(f"the {self.name} backend does not compress")
 
-    def prefetch_compressed(self, src: torch.Tensor, elem_size: int, after
+    def prefetch_compressed(self, src: torch.Tensor, nbytes: int, elem_size: int, after
                             ) -> tuple[torch.Tensor, object]:
-        """Like :meth:`prefetch` for a buffer :meth:`offload_compressed` wrote: returns the
-        decompressed device bytes and their event."""
+        """Like :meth:`prefetch` for a buffer :meth:`offload_compressed` wrote, of ``nbytes``
+        uncompressed: returns the decompressed device bytes and their event; the device holds
+        nothing else of it (no compressed copy)."""
         raise NotImplementedError(f"the {self.name} backend does not compress")

@@ -30,8 +30,8 @@ import struct
 
 import torch
 
-__all__ = ["HEADER_BYTES", "MAGIC", "VERSION", "compress", "compressed_nbytes", "decompress",
-           "density", "pays", "read_header"]
+__all__ = ["HEADER_BYTES", "MAGIC", "VERSION", "compress", "compressed_nbytes", "count_nonzero",
+           "decompress", "density", "pays", "read_header"]
 
 HEADER_BYTES = 64
 MAGIC = 0x435A4D56  # b"VMZC" read as a little-endian u32
@@ -57,11 +57,30 @@ def compressed_nbytes(numel: int, elem_size: int, nnz: int) -> int:
     return _values_offset(numel) + nnz * elem_size
 
 
+_CHUNK = 1 << 22  # elements counted at a time: a bounded temporary (4 MiB of bools)
+
+
+def count_nonzero(t: torch.Tensor) -> torch.Tensor:
+    """How many of contiguous ``t``'s elements have bits that are not all zero, as a tensor on
+    ``t``'s device (nothing waits for it), counted in chunks so that no temporary near
+    ``t``'s size is made."""
+    bits = _BITS.get(t.element_size())
+    if bits is None or t.is_complex() or not t.is_contiguous():
+        raise ValueError(f"cannot count a {'non-contiguous ' if bits else ''}{t.dtype} "
+                         "tensor's non-zero bit patterns (contiguous 1, 2, 4 or 8-byte real "
+                         "dtypes)")
+    flat = t.detach().reshape(-1).view(bits)
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        total += torch.count_nonzero(flat[start:start + _CHUNK])
+    return total
+
+
 def density(t: torch.Tensor) -> float:
     """The fraction of ``t``'s elements whose bits are not all zero."""
     if t.numel() == 0:
         return 0.0
-    return _nonzero(t).sum().item() / t.numel()
+    return count_nonzero(t.contiguous()).item() / t.numel()
 
 
 def pays(numel: int, elem_size: int, density: float) -> bool:

@@ -35,7 +35,7 @@ __all__ = ["NativeError", "NativeLibrary", "Arena", "ArenaStats", "Event", "buil
 
 log = logging.getLogger("vmem")
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _NOT_READY = 600  # cudaErrorNotReady
 
 
@@ -147,6 +147,7 @@ _SIGNATURES = {
     "vmem_event_synchronize": ([_P], _INT),
     "vmem_event_destroy": ([_P], _INT),
     "vmem_compress_workspace_bytes": ([_SIZE], _SIZE),
+    "vmem_decompress_workspace_bytes": ([_SIZE], _SIZE),
     "vmem_compress": ([_P, _SIZE, _INT, _P, _P, _P], _INT),
     "vmem_decompress": ([_P, _SIZE, _INT, _P, _P, _P], _INT),
 }
@@ -192,6 +193,9 @@ class NativeLibrary:
 
     def compress_workspace_bytes(self, numel: int) -> int:
         return self.lib.vmem_compress_workspace_bytes(numel)
+
+    def decompress_workspace_bytes(self, numel: int) -> int:
+        return self.lib.vmem_decompress_workspace_bytes(numel)
 
     def compress(self, src: int, numel: int, elem_size: int, out: int, workspace: int,
                  stream: int) -> None:

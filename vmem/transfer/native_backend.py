@@ -4,8 +4,9 @@ What it adds to the torch backend: host memory comes from a few large pinned blo
 pinned allocator rounds every request up to a power of two, so a 5 GiB host pool would pin
 8 GiB); a segment's prefetches go out as one batched call; and mostly-zero activations cross
 the link compressed (:mod:`.compression`). The compress kernels write straight into the
-mapped pinned slice, so only the header, mask and non-zeros cross the link, and the host need
-not know the compressed size in forward. On a non-CUDA device the arena hands out plain host
+mapped pinned slice and the decompress kernels read it there, so only the header, mask and
+non-zeros cross the link, the device never holds a compressed copy, and the host never needs
+the compressed size. On a non-CUDA device the arena hands out plain host
 memory and compression runs the CPU reference, so the emulated device exercises this backend.
 """
 
@@ -16,7 +17,7 @@ import functools
 
 import torch
 
-from . import compression, native
+from . import native
 from .torch_backend import TorchBackend
 
 __all__ = ["NativeBackend"]
@@ -100,21 +101,20 @@ class NativeBackend(TorchBackend):
         src.record_stream(stream)  # rule 2
         return self._record(stream)
 
-    def prefetch_compressed(self, src: torch.Tensor, elem_size: int, after):
+    def prefetch_compressed(self, src: torch.Tensor, nbytes: int, elem_size: int, after):
         if not self.cuda:
-            return super().prefetch_compressed(src, elem_size, after)
-        # The host reads the header's non-zero count, so the copy out must be complete;
-        # by backward it almost always is.
-        self.wait(after)
-        _, numel, nnz = compression.read_header(src[:compression.HEADER_BYTES])
-        nbytes = compression.compressed_nbytes(numel, elem_size, nnz)
-        stream = self.prefetch_stream
+            return super().prefetch_compressed(src, nbytes, elem_size, after)
+        # The kernels read the mask and the non-zeros straight from the mapped host slot: no
+        # compressed copy on the device, and the host never waits for the copy out (the
+        # prefetch stream does).
+        stream, numel = self.prefetch_stream, nbytes // elem_size
         with torch.cuda.stream(stream):
-            packed = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            dense = torch.empty(numel * elem_size, dtype=torch.uint8, device=self.device)
-            workspace = self._workspace(numel)
+            dense = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            workspace = torch.empty(self.library.decompress_workspace_bytes(numel),
+                                    dtype=torch.uint8, device=self.device)
+        if after is not None:
+            self._block(stream, after)  # the host slot must be complete
         with self._on_device():
-            self.library.copy(packed.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
-            self.library.decompress(packed.data_ptr(), numel, elem_size, dense.data_ptr(),
+            self.library.decompress(src.data_ptr(), numel, elem_size, dense.data_ptr(),
                                     workspace.data_ptr(), stream.cuda_stream)
         return dense, self._record(stream)
