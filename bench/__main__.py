@@ -67,17 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-limit", type=int, default=4096 if cuda else 512)
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--traces", action="store_true", help="write each vmem run's simulated "
+                   "step (the plan in force) as a Chrome/Perfetto trace under OUT/traces")
     p.add_argument("--report", type=Path, metavar="RESULTS_JSONL",
                    help="only rewrite the table and plots from an earlier sweep's records")
     p.add_argument("--smoke", action="store_true",
                    help="a sweep of under two minutes: resnet20, 32x32, two budgets, four "
-                        "methods, three timed iterations, no plots")
+                        "methods, three timed iterations, traces, no plots")
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.batch, args.image_size, args.classes = ["resnet20"], 16, 32, 10
         args.budgets = _sizes("16MiB,24MiB")
         args.methods = ["plain", "checkpoint", "vmem-vdnn_all", "vmem-auto"]
-        args.iterations, args.warmup, args.max_batch = 3, 1, False
+        args.iterations, args.warmup, args.max_batch, args.traces = 3, 1, False, True
     for name in ("batch", "image_size", "iterations", "max_batch_limit"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer")
@@ -167,9 +169,10 @@ def main(argv=None) -> int:
                               kind="half_plain_peak"), args.timeout)
         records.append(record)
         progress.update(f"{model} vmem-auto at half the plain peak", record)
+    traces = str(out / "traces") if args.traces else None
     for model, budget, method in plan:
         record = run_one(dict(base, model=model, method=method, budget=budget,
-                              kind="throughput"), args.timeout)
+                              kind="throughput", trace_dir=traces), args.timeout)
         records.append(record)
         progress.update(f"{model} {method} at {budget / 2**20:.0f} MiB", record)
     if args.max_batch:

@@ -29,9 +29,10 @@ PY
     ;;
   demo)        # ResNet-50 batch 128 under half its plain peak, against plain
     python -m vmem demo --steps 12 | tee "$out/demo.txt" ;;
-  throughput)  # resnet50 and vgg16 at batch 128, budgets 4/8/16 GiB, every method
+  throughput)  # resnet50 and vgg16 at batch 128, budgets 4/8/16 GiB, every method; simulated
+               # against measured step time and auto against the best fixed policy (issue 7)
     python -m bench --models resnet50,vgg16 --batch 128 --budgets 4GiB,8GiB,16GiB \
-        --out "$out/bench" | tee "$out/throughput.txt" ;;
+        --traces --out "$out/bench" | tee "$out/throughput.txt" ;;
   maxbatch)    # the largest batch per method and budget (long: run per model)
     python -m bench --models "${2:-resnet50}" --batch 128 --budgets 4GiB,8GiB,16GiB \
         --iterations 3 --max-batch --out "$out/bench-max" | tee "$out/maxbatch.txt" ;;

@@ -16,7 +16,8 @@ from torch import nn
 import vmem
 
 METHODS = ["plain", "save_on_cpu", "checkpoint", "torchtune", "vmem-vdnn_all",
-           "vmem-vdnn_conv", "vmem-auto"]
+           "vmem-vdnn_conv", "vmem-recompute", "vmem-auto"]
+FIXED_POLICIES = ["vmem-vdnn_all", "vmem-vdnn_conv", "vmem-recompute"]  # what auto must beat
 
 
 class Unavailable(Exception):
@@ -82,7 +83,12 @@ class Method:
             return {"offloaded_bytes": None, "prefetched_bytes": None}
         steps = max(self.session.steps, 1)
         executor = self.session.executor
+        report = self.session.report_dict()
         return {"offloaded_bytes": executor.offloaded_bytes // steps,
                 "prefetched_bytes": executor.prefetched_bytes // steps,
                 "predicted_peak": self.session.plan.predicted_peak,
-                "offloaded_tensors": self.session.plan.offloaded}
+                # the plan in force on the simulator, with measured layer times once refined
+                "predicted_ms": self.session.simulation().iteration_s * 1e3,
+                "offloaded_tensors": self.session.plan.offloaded,
+                "compressed_saves": report["compressed_saves"], "backend": report["backend"],
+                "refinement": report["refinement"]}

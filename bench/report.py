@@ -8,6 +8,8 @@ from pathlib import Path
 from vmem.errors import format_bytes
 from vmem.preprocessing.hardware import detect_hardware
 
+from .methods import FIXED_POLICIES
+
 
 def _mib(n) -> str:
     return "-" if n is None else format_bytes(n)
@@ -50,6 +52,37 @@ def _bound(record: dict, reference: dict, spec) -> tuple[str, str]:
     return f"{bound:.1f}", f"{hidden:.0%}"
 
 
+def _predicted(record: dict) -> str:
+    """The timeline simulator's step time for the plan in force, and its error against the
+    measured median."""
+    predicted, measured = record.get("predicted_ms"), record.get("iter_ms")
+    if predicted is None or not measured:
+        return "- | -"
+    return f"{predicted:.1f} | {(predicted - measured) / measured:+.0%}"
+
+
+def _auto_against_fixed(records: list[dict]) -> list[str]:
+    """Per model and budget: vmem-auto's throughput over the best fixed policy's."""
+    rows = []
+    for r in records:
+        if r.get("kind") != "throughput" or r["method"] != "vmem-auto":
+            continue
+        fixed = [s for s in records if s.get("kind") == "throughput" and
+                 s["method"] in FIXED_POLICIES and s["model"] == r["model"] and
+                 s["budget"] == r["budget"] and s.get("images_per_s")]
+        if not fixed:
+            continue
+        best = max(fixed, key=lambda s: s["images_per_s"])
+        auto = r.get("images_per_s") or 0.0
+        rows.append(f"| {r['model']} | {_mib(r['budget'])} | {auto:.1f} | {best['method']} "
+                    f"{best['images_per_s']:.1f} | {auto / best['images_per_s']:.2f} |")
+    if not rows:
+        return []
+    return ["", "## vmem-auto against the best fixed policy", "",
+            "| model | budget | auto img/s | best fixed img/s | ratio |", "|---|---|---|---|---|",
+            *rows]
+
+
 def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
     """Write results.md (and PNG plots when matplotlib is there); return the markdown."""
     spec = detect_hardware()
@@ -82,8 +115,9 @@ def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
                      f"{record['status']} | - | - |")
     lines += ["", f"## Throughput at batch {first.get('batch')}", "",
               "| model | budget | method | status | peak allocated | peak reserved | img/s | "
-              "x plain | offloaded/step | link GB/s | bound ms | transfer hidden |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "x plain | offloaded/step | link GB/s | bound ms | transfer hidden | "
+              "simulated ms | simulated vs measured |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in records:
         if record.get("kind") != "throughput":
             continue
@@ -96,7 +130,9 @@ def write_report(records: list[dict], out: Path, plots: bool = True) -> str:
             f"| {record['model']} | {_mib(record['budget'])} | {record['method']} | "
             f"{record['status']} | {_mib(record.get('peak_allocated'))} | "
             f"{_mib(record.get('peak_reserved'))} | {_speed(record)} | {ratio} | "
-            f"{_mib(record.get('offloaded_bytes'))} | {_link(record)} | {bound} | {hidden} |")
+            f"{_mib(record.get('offloaded_bytes'))} | {_link(record)} | {bound} | {hidden} | "
+            f"{_predicted(record)} |")
+    lines += _auto_against_fixed(records)
     searches = [r for r in records if r.get("kind") == "max_batch"]
     if searches:
         lines += ["", "## Largest batch that trains (3 steps) under the budget", "",

@@ -13,6 +13,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -87,6 +88,12 @@ def run(spec: dict) -> dict:
                   timed_iterations=len(times), **method.transfer_stats())
     if curve is not None:
         record["memory_curve"] = curve
+    if spec.get("trace_dir") and method.session is not None:
+        path = Path(spec["trace_dir"]) / (f"{spec['model']}-{spec['method']}-"
+                                          f"{spec.get('budget') or 'none'}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        method.session.simulation().write_trace(str(path))
+        record["trace"] = str(path)
     return record
 
 

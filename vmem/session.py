@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from .config import Config, parse_size
 from .control import Plan
 from .control.planner import headroom_for
+from .control.simulator import Simulation, simulate
 from .control.splitting import MAX_PARTS
 from .errors import format_bytes
 from .feedforward import HostPool, OffloadExecutor, StagingPool, TransferCounters
@@ -106,6 +107,8 @@ class Session:
         self.executor: OffloadExecutor | None = None
         self._executors: dict = {}  # one per input signature (shapes, dtypes, gradients held)
         self._splits: dict = {}  # the split runs each signature's plan chose, or None
+        self._profiles: dict = {}  # the profile each signature's plan was made from (timed,
+        # once refined), for the simulation of the plan in force
         self._active_splits: Splits | None = None
         self._counters = TransferCounters()
         self._handles: list = []
@@ -227,7 +230,7 @@ class Session:
             self._switch_to(key)
             return
         planned, splits = self._plan(args, kwargs, gradients_held=key[1])
-        self._install(key, planned.plan, splits, args, kwargs)
+        self._install(key, planned, splits, args, kwargs)
         if self.refine_steps and self.policy == "auto":
             self._refinements[key] = Refinement(self.model, planned, self.device,
                                                 self.refine_steps)
@@ -251,9 +254,10 @@ class Session:
             log.warning("vmem: %s", refinement.summary())
             return
         if refinement.decide(best, self.spec, retime):
-            self._install(self._planned_for, best.plan, splits, args, kwargs)
+            self._install(self._planned_for, best, splits, args, kwargs)
         else:
             self._use_splits(self._splits[self._planned_for])  # _plan took them out
+            self._profiles[self._planned_for] = retime(self._profiles[self._planned_for])
         log.info("vmem: %s", refinement.summary())
 
     def _stop_timing(self) -> None:
@@ -297,14 +301,15 @@ class Session:
         stash = HostStash(self.backend, self.host_pool, self.device)
         return planned, Splits(self.model, planned.choices, planned.plan.approximate, stash)
 
-    def _install(self, key, plan: Plan, splits: Splits | None, args, kwargs) -> None:
-        """Put ``plan`` in force for inputs of signature ``key`` (new, or replacing its
-        plan: copies in flight belong to the old executor's graphs)."""
+    def _install(self, key, planned: Planned, splits: Splits | None, args, kwargs) -> None:
+        """Put ``planned.plan`` in force for inputs of signature ``key`` (new, or replacing
+        its plan: copies in flight belong to the old executor's graphs)."""
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        plan = planned.plan
         self._executors[key] = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
                                                self.staging, _resident_keys(self.model, inputs),
                                                self._counters)
-        self._splits[key] = splits
+        self._splits[key], self._profiles[key] = splits, planned.profile
         self._switch_to(key)
         log.info("vmem: planned for inputs %s:\n%s", [list(t.shape) for t in inputs],
                  plan.table())
@@ -335,6 +340,23 @@ class Session:
         return buffer
 
     # -- what happened ----------------------------------------------------------------
+    def simulation(self) -> Simulation | None:
+        """The plan in force on the timeline simulator, with the layer times it was made from
+        (measured ones once refined); None before the first plan. Its ``iteration_s`` is
+        the predicted step time, ``write_trace(path)`` writes a Chrome/Perfetto trace.
+
+        Example::
+
+            >>> import torch, vmem
+            >>> model = vmem.models.resnet18(num_classes=10)
+            >>> with vmem.session(model, budget="1GiB", sample=torch.randn(2, 3, 32, 32)) as s:
+            ...     s.simulation().iteration_s > 0
+            True
+        """
+        if self.plan is None:
+            return None
+        return simulate(self._profiles[self._planned_for], self.plan, self.spec)
+
     @property
     def peak(self) -> int | None:
         """Device bytes at the peak so far (measured)."""

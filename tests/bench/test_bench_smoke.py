@@ -25,4 +25,10 @@ def test_smoke_sweep_writes_a_valid_table(tmp_path):
     assert half["status"] == "ok" and half["peak_allocated"] <= half["budget"]
     table = (folder / "results.md").read_text()
     assert "| model | budget | method | status |" in table
-    assert table.count("| resnet20 |") == len(records)
+    vmem_runs = [r for r in by_method.values() if r["method"].startswith("vmem-")
+                 and r["status"] == "ok"]
+    assert vmem_runs and all(r["predicted_ms"] > 0 and Path(r["trace"]).is_file()
+                             for r in vmem_runs)
+    assert "## vmem-auto against the best fixed policy" in table
+    rows = table.split("## vmem-auto against")[0]  # that section repeats the model per budget
+    assert rows.count("| resnet20 |") == len(records)
