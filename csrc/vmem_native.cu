@@ -516,33 +516,44 @@ size_t vmem_compress_workspace_bytes(size_t numel) {
 // elements), as it reads the mask where the buffer is.
 size_t vmem_decompress_workspace_bytes(size_t numel) { return counts_bytes(numel); }
 
+}  // extern "C"
+
+namespace {
+
+// Misaligned element access would be a sticky error that ends the whole CUDA context.
+bool misaligned(const void* p, size_t align) {
+  return reinterpret_cast<uintptr_t>(p) % align != 0;
+}
+
+// Calls run(T{}) with T the unsigned integer of elem_size bytes, after checking that the
+// packed buffer and the workspace are 16-byte aligned and the dense tensor element-aligned.
+template <typename Run>
+cudaError_t by_element_size(int elem_size, const void* packed, const void* workspace,
+                            const void* dense, Run run) {
+  if (misaligned(packed, 16) || misaligned(workspace, 16)) return cudaErrorInvalidValue;
+  switch (elem_size) {
+    case 1: return run(uint8_t{});
+    case 2: return misaligned(dense, 2) ? cudaErrorInvalidValue : run(uint16_t{});
+    case 4: return misaligned(dense, 4) ? cudaErrorInvalidValue : run(uint32_t{});
+    case 8: return misaligned(dense, 8) ? cudaErrorInvalidValue : run(uint64_t{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
 // Compresses numel elements of elem_size bytes from device memory src into out: device
 // memory, or mapped pinned host memory (the kernels then write across the link directly,
 // only the header, mask and non-zeros). out must hold the compressed size at full density
 // (vmem/transfer/compression.py: compressed_nbytes(numel, elem_size, numel)); the header's
 // non-zero count says how many of those bytes are used.
-namespace {
-// Misaligned element access would be a sticky error that ends the whole CUDA context.
-bool misaligned(const void* p, int align) { return reinterpret_cast<uintptr_t>(p) % align; }
-bool valid_size(int elem_size) {
-  return elem_size == 1 || elem_size == 2 || elem_size == 4 || elem_size == 8;
-}
-}  // namespace
-
 int vmem_compress(const void* src, size_t numel, int elem_size, void* out, void* workspace,
                   void* stream) {
-  cudaStream_t s = (cudaStream_t)stream;
-  if (!valid_size(elem_size) || misaligned(out, 16) || misaligned(workspace, 16) ||
-      misaligned(src, elem_size)) {
-    return cudaErrorInvalidValue;
-  }
-  switch (elem_size) {
-    case 1: return compress<uint8_t>(src, numel, out, workspace, s);
-    case 2: return compress<uint16_t>(src, numel, out, workspace, s);
-    case 4: return compress<uint32_t>(src, numel, out, workspace, s);
-    case 8: return compress<unsigned long long>(src, numel, out, workspace, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return by_element_size(elem_size, out, workspace, src, [&](auto element) {
+    return compress<decltype(element)>(src, numel, out, workspace, (cudaStream_t)stream);
+  });
 }
 
 // Decompresses in -- device memory, or the mapped pinned host memory compress wrote: the
@@ -550,18 +561,9 @@ int vmem_compress(const void* src, size_t numel, int elem_size, void* out, void*
 // into dense device memory dst.
 int vmem_decompress(const void* in, size_t numel, int elem_size, void* dst, void* workspace,
                     void* stream) {
-  cudaStream_t s = (cudaStream_t)stream;
-  if (!valid_size(elem_size) || misaligned(in, 16) || misaligned(workspace, 16) ||
-      misaligned(dst, elem_size)) {
-    return cudaErrorInvalidValue;
-  }
-  switch (elem_size) {
-    case 1: return decompress<uint8_t>(in, numel, dst, workspace, s);
-    case 2: return decompress<uint16_t>(in, numel, dst, workspace, s);
-    case 4: return decompress<uint32_t>(in, numel, dst, workspace, s);
-    case 8: return decompress<unsigned long long>(in, numel, dst, workspace, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return by_element_size(elem_size, in, workspace, dst, [&](auto element) {
+    return decompress<decltype(element)>(in, numel, dst, workspace, (cudaStream_t)stream);
+  });
 }
 
 }  // extern "C"
