@@ -1,7 +1,6 @@
 """Refinement on the emulated device: measured times reach every candidate, the session
 re-plans once per signature after the measured steps, and only for a clear gain."""
 
-import contextlib
 
 import pytest
 import torch
@@ -60,23 +59,15 @@ def test_measured_times_move_between_candidates_by_name_and_by_work():
 
 
 def _train_recording(model, steps, **session):
-    """``train`` of test_session, also recording the plan in force at each step."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    data = torch.Generator().manual_seed(1)
-    losses, grads, plans, reports = [], [], [], []
-    with vmem.session(model, optimizer=opt, **session) as s:
-        for _ in range(steps):
-            x = torch.randn(SHAPE, generator=data)
-            y = torch.randint(0, 10, (SHAPE[0],), generator=data)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            with s.meter.paused() if s.meter else contextlib.nullcontext():
-                losses.append(loss.detach().clone())
-                grads.append([p.grad.detach().clone() for p in model.parameters()])
-            plans.append(s.plan)
-            reports.append(s.report_dict()["refinement"])
-            opt.step()
-            opt.zero_grad()
+    """``train`` of test_session, also recording the plan in force and the refinement's
+    report at each step."""
+    plans, reports = [], []
+
+    def record(s):
+        plans.append(s.plan)
+        reports.append(s.report_dict()["refinement"])
+
+    s, losses, grads = train(model, steps, after_backward=record, **session)
     return s, losses, grads, plans, reports
 
 

@@ -14,8 +14,9 @@ from vmem import BudgetTooSmall
 POLICIES = ["vdnn_all", "vdnn_conv", "recompute", "auto"]
 
 
-def train(model, steps=3, **session):
-    """SGD with momentum for ``steps`` steps on seeded data; what a test compares."""
+def train(model, steps=3, after_backward=None, **session):
+    """SGD with momentum for ``steps`` steps on seeded data; what a test compares.
+    ``after_backward(session)`` runs after each backward, if given."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     data = torch.Generator().manual_seed(1)
     losses, grads = [], []
@@ -29,6 +30,8 @@ def train(model, steps=3, **session):
             with s.meter.paused() if s.meter else contextlib.nullcontext():
                 losses.append(loss.detach().clone())
                 grads.append([p.grad.detach().clone() for p in model.parameters()])
+            if after_backward is not None:
+                after_backward(s)
             opt.step()
             opt.zero_grad()
     return s, losses, grads
