@@ -197,11 +197,22 @@ __host__ __device__ size_t values_offset(size_t numel) {
   return kHeaderBytes + (mask_words(numel) * 4 + 15) / 16 * 16;
 }
 
+// The chunk's count from each warp's (held by its lane 0); every thread of the block calls it.
+__device__ void store_chunk_count(uint32_t count, unsigned long long* chunk_counts) {
+  __shared__ uint32_t warp_counts[kWarps];
+  if (threadIdx.x % 32 == 0) warp_counts[threadIdx.x / 32] = count;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long total = 0;
+    for (int k = 0; k < kWarps; ++k) total += warp_counts[k];
+    chunk_counts[blockIdx.x] = total;
+  }
+}
+
 // Mask words and the number of non-zeros per chunk.
 template <typename T>
 __global__ void mask_kernel(const T* __restrict__ src, size_t numel, uint32_t* mask,
                             unsigned long long* chunk_counts) {
-  __shared__ uint32_t warp_counts[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const size_t words = mask_words(numel);
   const size_t first = (size_t)blockIdx.x * kChunkWords + (size_t)warp * kWordsPerWarp;
@@ -214,30 +225,17 @@ __global__ void mask_kernel(const T* __restrict__ src, size_t numel, uint32_t* m
     if (lane == 0) mask[w] = bits;
     count += __popc(bits);
   }
-  if (lane == 0) warp_counts[warp] = count;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long total = 0;
-    for (int k = 0; k < kWarps; ++k) total += warp_counts[k];
-    chunk_counts[blockIdx.x] = total;
-  }
+  store_chunk_count(count, chunk_counts);
 }
 
 // The number of non-zeros per chunk, from a mask.
 __global__ void count_kernel(const uint32_t* __restrict__ mask, size_t words,
                              unsigned long long* chunk_counts) {
-  __shared__ uint32_t warp_counts[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const size_t w = (size_t)blockIdx.x * kChunkWords + (size_t)warp * kWordsPerWarp + lane;
   uint32_t count = w < words ? __popc(mask[w]) : 0;
   for (int delta = 16; delta > 0; delta /= 2) count += __shfl_down_sync(0xffffffffu, count, delta);
-  if (lane == 0) warp_counts[warp] = count;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long total = 0;
-    for (int k = 0; k < kWarps; ++k) total += warp_counts[k];
-    chunk_counts[blockIdx.x] = total;
-  }
+  store_chunk_count(count, chunk_counts);
 }
 
 // Exclusive scan of the chunk counts in place, by one thread block of 1024 threads; the
