@@ -496,9 +496,6 @@ int vmem_stream_wait_event(void* stream, void* event) {
   return cudaStreamWaitEvent((cudaStream_t)stream, (cudaEvent_t)event, 0);
 }
 
-// cudaSuccess once complete, cudaErrorNotReady before.
-int vmem_event_query(void* event) { return cudaEventQuery((cudaEvent_t)event); }
-
 int vmem_event_synchronize(void* event) { return cudaEventSynchronize((cudaEvent_t)event); }
 
 int vmem_event_destroy(void* event) { return cudaEventDestroy((cudaEvent_t)event); }

@@ -187,6 +187,7 @@ def test_report_and_json_report(tmp_path):
     assert data["backend"] == s.backend.name and f"{s.backend.name} transfer backend" in text
     if s.backend.name == "native":  # its arena backs the host pool
         assert data["native_arena"]["peak_in_use"] >= data["host_pool"]["capacity"] > 0
+        assert data["native_arena"]["reserved"] == 0  # given back as the session ended
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -184,6 +184,7 @@ class Session:
             self.executor.synchronize()
         if getattr(self, "host_pool", None) is not None:
             self.host_pool.release()
+            self.backend.release()
         if self.meter is not None:
             self.measured_peak = self.meter.peak
             if isinstance(self.meter, EmulatedMeter):

@@ -63,6 +63,9 @@ class TransferBackend(abc.ABC):
     def synchronize(self) -> None:
         """Block the host until every copy issued so far is complete."""
 
+    def release(self) -> None:  # noqa: B027 -- most backends hold nothing to give back
+        """Give back the host memory nothing uses any more (the session is over)."""
+
     def offload_compressed(self, src: torch.Tensor, dst: torch.Tensor, elem_size: int):
         """Like :meth:`offload`, but ``dst`` receives ``src`` (elements of ``elem_size``
         bytes) in :mod:`vmem.transfer.compression`'s format; ``dst`` holds at least

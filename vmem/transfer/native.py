@@ -36,7 +36,6 @@ __all__ = ["NativeError", "NativeLibrary", "Arena", "ArenaStats", "Event", "buil
 log = logging.getLogger("vmem")
 
 ABI_VERSION = 2
-_NOT_READY = 600  # cudaErrorNotReady
 
 
 class NativeError(RuntimeError):
@@ -143,7 +142,6 @@ _SIGNATURES = {
     "vmem_event_create": ([ctypes.POINTER(_P)], _INT),
     "vmem_event_record": ([_P, _P], _INT),
     "vmem_stream_wait_event": ([_P, _P], _INT),
-    "vmem_event_query": ([_P], _INT),
     "vmem_event_synchronize": ([_P], _INT),
     "vmem_event_destroy": ([_P], _INT),
     "vmem_compress_workspace_bytes": ([_SIZE], _SIZE),
@@ -224,13 +222,6 @@ class Event:
         """Make ``stream`` wait for this event (the host does not wait)."""
         self.library.check(self.library.lib.vmem_stream_wait_event(stream, self.handle),
                            "vmem_stream_wait_event")
-
-    def query(self) -> bool:
-        code = self.library.lib.vmem_event_query(self.handle)
-        if code == _NOT_READY:
-            return False
-        self.library.check(code, "vmem_event_query")
-        return True
 
     def synchronize(self) -> None:
         self.library.check(self.library.lib.vmem_event_synchronize(self.handle),

@@ -50,6 +50,9 @@ class NativeBackend(TorchBackend):
         # safe (a slice goes back only once its copies are done; see _Stored.__del__).
         return self.arena.tensor(nbytes)
 
+    def release(self) -> None:
+        self.arena.trim()  # blocks still holding a live graph's slices stay
+
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
         with self._on_device():
             self.library.copy(dst.data_ptr(), src.data_ptr(), src.numel(), stream.cuda_stream)
