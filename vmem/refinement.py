@@ -81,6 +81,7 @@ class Refinement:
         self.samples: dict = {}  # the executor's density samples (OffloadExecutor)
         self.sampled = 0  # forwards sampled: at most WARM_UP + steps, backward or not
         self.outcome: Outcome | None = None
+        self.timed_profile: NetworkProfile | None = None  # the plan in force's, retimed
 
     def sampling(self) -> dict | None:
         """The dict the executor samples densities into this forward; None once enough
@@ -119,8 +120,8 @@ class Refinement:
 
     def decide(self, best: Planned, spec: HardwareSpec, retime) -> bool:
         """Whether ``best`` (planned on ``retime``'s times) replaces the plan in force."""
-        current = retime(self.planned.profile)
-        before = simulate(current, self.planned.plan, spec).iteration_s
+        self.timed_profile = retime(self.planned.profile)
+        before = simulate(self.timed_profile, self.planned.plan, spec).iteration_s
         after = best.plan.predicted_seconds
         changed = after is not None and after < before * (1 - IMPROVEMENT)
         self.outcome = Outcome(before, before if after is None else after, changed)

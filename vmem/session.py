@@ -258,7 +258,7 @@ class Session:
             self._install(self._planned_for, best, splits, args, kwargs)
         else:
             self._use_splits(self._splits[self._planned_for])  # _plan took them out
-            self._profiles[self._planned_for] = retime(self._profiles[self._planned_for])
+            self._profiles[self._planned_for] = refinement.timed_profile
         log.info("vmem: %s", refinement.summary())
 
     def _stop_timing(self) -> None:
