@@ -38,12 +38,16 @@ def train(model, steps=3, after_backward=None, **session):
 
 
 def minimum_budget(name: str, policy: str) -> int:
+    """The smallest budget vmem names for the first step of :func:`train` (which holds its
+    labels on the device besides what a sample shows)."""
     model = build(name)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with pytest.raises(BudgetTooSmall) as info:  # planned up front from the sample
+    with pytest.raises(BudgetTooSmall) as sampled:  # planned up front from the sample
         with vmem.session(model, optimizer=opt, budget=1, policy=policy, split=1,
                           sample=torch.randn(SHAPE)):
             pass
+    with pytest.raises(BudgetTooSmall) as info:  # planned at the first forward
+        train(build(name), budget=sampled.value.minimum - 1, policy=policy, split=1)
     return info.value.minimum
 
 

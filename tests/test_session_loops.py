@@ -84,6 +84,19 @@ def test_a_saved_tensor_changed_in_place_raises_like_autograd():
             y.backward()
 
 
+@pytest.mark.parametrize("policy", ["none", "vdnn_all"])
+def test_a_save_the_plan_keeps_changed_in_place_raises_like_autograd(policy):
+    """Under saved-tensor hooks autograd checks no versions itself: the executor does, for
+    kept saves as for offloaded ones."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh())  # tanh saves its output: 32 KiB
+    x = torch.randn(128, 64)
+    with vmem.session(model, budget=2**30, policy=policy):
+        out = model(x)
+        out.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
 def test_batches_sliced_from_a_device_dataset_still_follow_the_plan():
     dataset = torch.randn(4 * SHAPE[0], *SHAPE[1:])
     model = build("resnet")

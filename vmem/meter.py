@@ -21,7 +21,8 @@ import weakref
 from collections.abc import Callable, Iterable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
 from .errors import OutOfBudget
@@ -112,13 +113,16 @@ class EmulatedMeter(DeviceMeter):
     finalizer); views and in-place results share an input's storage and add nothing.
     Storages that existed before the meter started count only once passed to :meth:`track`;
     storages passed to :meth:`exclude` (the host pool's, which stand for pinned host memory on
-    the emulated device) never count.
+    the emulated device) never count. Fake tensors (a shape-only profile's, which report a
+    real device but hold nothing) count only for a meter made with ``fake=True``.
     """
 
     def __init__(self, device: torch.device, limit: int | None = None,
-                 where: Callable[[], str | None] | None = None) -> None:
+                 where: Callable[[], str | None] | None = None, fake: bool = False) -> None:
         super().__init__(device, limit, where)
+        self.fake = fake
         self._live: dict[int, int] = {}  # storage key -> bytes
+        self._storages: dict[int, weakref.ref] = {}  # storage key -> the storage
         self._excluded: set[int] = set()
         self._current = 0
         self._peak = 0
@@ -144,19 +148,47 @@ class EmulatedMeter(DeviceMeter):
         finally:
             self._paused = was
 
+    # Note: [One emulated device]
+    # Two sessions at once (two models trained side by side) each run a meter, and each
+    # meter sees every operation while it is active; but a tensor made before a meter
+    # started counts only once tracked. On CUDA both sessions read the same allocator, so
+    # here what one meter is told to track or exclude, every active meter of the same device
+    # is told too, and a meter starting takes over what those already count: all of them
+    # count the one emulated device.
+    def __enter__(self) -> EmulatedMeter:
+        peers = self._peers()
+        super().__enter__()
+        for peer in peers:
+            self._excluded |= peer._excluded
+            for ref in list(peer._storages.values()):
+                storage = ref()
+                if storage is not None:
+                    self._add(storage)
+        return self
+
+    def _peers(self) -> list[EmulatedMeter]:
+        """The other meters counting this device's real tensors (a fake one has none)."""
+        if self.fake:
+            return []
+        return [mode for mode in _get_current_dispatch_mode_stack()
+                if isinstance(mode, EmulatedMeter) and mode is not self and
+                mode.device == self.device and not mode.fake]
+
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count tensors that existed before the meter started (parameters, state)."""
-        for t in tensors:
-            if t.device == self.device:
-                self._add(t.untyped_storage())
+        tensors = [t for t in tensors if t.device == self.device]
+        for meter in [self, *self._peers()]:
+            for t in tensors:
+                meter._add(t.untyped_storage())
 
     def exclude(self, tensor: torch.Tensor) -> None:
         """Never count ``tensor``'s storage (stop counting it if it was counted)."""
         storage = tensor.untyped_storage()
         key = storage._cdata
-        self._excluded.add(key)
-        self._release(key)
-        weakref.finalize(storage, self._excluded.discard, key)
+        for meter in [self, *self._peers()]:
+            meter._excluded.add(key)
+            meter._release(key)
+            weakref.finalize(storage, meter._excluded.discard, key)
 
     def _add(self, storage: torch.UntypedStorage) -> None:
         key, nbytes = storage._cdata, storage.nbytes()
@@ -164,12 +196,14 @@ class EmulatedMeter(DeviceMeter):
             return
         if key not in self._live:
             weakref.finalize(storage, self._release, key)
+            self._storages[key] = weakref.ref(storage)
         self._current += nbytes - self._live.get(key, 0)  # a resize changes an entry
         self._live[key] = nbytes
         self._peak = max(self._peak, self._current)
 
     def _release(self, key: int) -> None:
         self._current -= self._live.pop(key, 0)
+        self._storages.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -177,7 +211,7 @@ class EmulatedMeter(DeviceMeter):
             return out
         inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
         for t in _tensors(out):
-            if t.device == self.device:
+            if t.device == self.device and (self.fake or not isinstance(t, FakeTensor)):
                 storage = t.untyped_storage()
                 if storage._cdata not in inputs or storage._cdata in self._live:
                     self._add(storage)

@@ -35,17 +35,22 @@ from .preprocessing import NetworkProfile, profile_network
 from .preprocessing.hardware import HardwareSpec
 from .preprocessing.optimizer import OptimizerProfile
 
-__all__ = ["Planned", "plan_model", "TIE"]
+__all__ = ["CannotProfile", "Planned", "plan_model", "TIE"]
 
 TIE = 1e-9  # relative difference in simulated time below which two plans tie
 
 log = logging.getLogger("vmem")
 
 
+class CannotProfile(RuntimeError):
+    """The model's step cannot run shape-only (data-dependent control flow, ``.item()``)."""
+
+
 class Planned(NamedTuple):
     plan: Plan
     choices: dict  # {run: (parts, axis)} of the runs to split (one part: recompute)
-    profile: NetworkProfile  # of the model with those runs installed
+    profile: NetworkProfile | None  # of the model with those runs installed (None: the
+    # model could not run shape-only, and the plan offloads every tracked save)
 
 
 def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
@@ -54,7 +59,7 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                prefetch_distance: int | None = None, max_parts: int = MAX_PARTS,
                top_level_runs: bool = True, spec: HardwareSpec | None = None,
                retime: Callable[[NetworkProfile], NetworkProfile] | None = None,
-               compress: bool = False) -> Planned:
+               compress: bool = False, outside_bytes: int = 0, forwards: int = 1) -> Planned:
     """The plan for one training step of ``model(*args, **kwargs)``, the runs it splits or
     recomputes ``{run: (parts, axis)}`` (empty when offloading suffices) and the profile of
     the model with those runs installed.
@@ -68,7 +73,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     the module docstring); without it ``auto`` is its offload plan alone. ``retime``: gives
     each profile made here its layer times (the session's measured ones,
     :mod:`vmem.refinement`); without it they are the shape-only profile's estimates.
-    ``compress``: the transfer backend compresses (see :func:`vmem.control.make_plan`).
+    ``compress``: the transfer backend compresses and ``outside_bytes`` are device bytes in
+    use that the profile does not see (see :func:`vmem.control.make_plan`); ``forwards``:
+    forwards of the same inputs in one step, before its backward.
 
     Raises:
         vmem.BudgetTooSmall: no plan fits; its ``minimum`` is the smallest budget that does
@@ -91,19 +98,25 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
 
     def profile_of(choices: dict):
         with Splits(model, choices, approximate, ShapeStash()):
-            profile = profile_network(model, inputs=args, kwargs=kwargs, dtype=dtype,
-                                      name=type(model).__name__)
+            try:
+                profile = profile_network(model, inputs=args, kwargs=kwargs, dtype=dtype,
+                                          name=type(model).__name__, forwards=forwards)
+            except Exception as error:  # noqa: BLE001 -- the model's own code failed
+                raise CannotProfile(f"{type(error).__name__}: {error}") from error
         return profile if retime is None else retime(profile)
 
     def plan_of(profile, offload_policy: str = "auto" if approximate else policy):
-        return make_plan(profile, budget=budget, policy=offload_policy,
+        plan = make_plan(profile, budget=budget, policy=offload_policy,
                          prefetch_distance=prefetch_distance, optimizer=optimizer,
                          gradients_held=gradients_held, headroom=headroom, spec=spec,
-                         compress=compress)
+                         compress=compress, outside_bytes=outside_bytes)
+        return dataclasses.replace(plan, forwards=forwards)
 
-    runs = [run for run in find_runs(model) if top_level_runs or run.container]
-    cheap_runs = [run for run in runs if cheap_stretches(run.layers(model))]
     unsplit = profile_of({})
+    # Runs inside the model's own checkpoint recompute already: never again, nor split.
+    runs = [run for run in find_runs(model) if (top_level_runs or run.container)
+            and run.container not in unsplit.foreign]
+    cheap_runs = [run for run in runs if cheap_stretches(run.layers(model))]
     profiles: dict[int, NetworkProfile] = {}  # per recompute mode, profiled when first asked
 
     def recompute(offload_policy: str, parts: int = 1) -> Planned:

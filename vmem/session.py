@@ -22,16 +22,17 @@ from torch.utils._pytree import tree_flatten
 
 from .config import Config, parse_size
 from .control import Plan
-from .control.planner import headroom_for
+from .control.planner import headroom_for, offload_everything
 from .control.simulator import Simulation, simulate
 from .control.splitting import MAX_PARTS
-from .errors import format_bytes
+from .errors import BudgetTooSmall, format_bytes
 from .feedforward import HostPool, OffloadExecutor, StagingPool, TransferCounters
 from .feedforward.split_runs import Splits
 from .feedforward.stream import HostStash
 from .meter import CudaMeter, DeviceMeter, EmulatedMeter
-from .planning import Planned, plan_model
+from .planning import CannotProfile, Planned, plan_model
 from .preprocessing.hardware import detect_hardware
+from .preprocessing.keys import ModuleScope
 from .preprocessing.optimizer import profile_optimizer
 from .refinement import STEPS, Refinement
 from .transfer import make_backend
@@ -115,6 +116,9 @@ class Session:
         self._saved_hooks = None
         self._planned_for = None
         self._planning = False
+        self._unprofiled: set = set()  # input signatures the model cannot run shape-only for
+        self._tolerated: dict = {}  # per signature: bytes in use at a step's start that no
+        # plan fitted, under which the plan in force carries on
         self._refinements: dict = {}  # per input signature planned by auto: its Refinement
         self._timing: Refinement | None = None  # whose timer is timing the step running
         steps = self.config.refine_steps
@@ -122,6 +126,7 @@ class Session:
             STEPS if self.device.type == "cuda" else 0
         self._old_fraction: float | None = None
         self.meter: DeviceMeter | None = None
+        self.scope: ModuleScope | None = None  # names each save (see [Note: Which save is it])
 
     # -- entering and leaving ---------------------------------------------------------
     def __enter__(self) -> Session:
@@ -131,11 +136,13 @@ class Session:
             raise ValueError("vmem.session needs a model on a real device (cuda, or cpu for "
                              "the emulated device), not on meta")
         logging.getLogger("vmem").setLevel(self.config.log.upper())
+        self._forget_plans()  # a session object entered again starts afresh
         self.spec = detect_hardware(self.device)
         self.budget = self.config.resolve_budget(self.spec.total_memory)
         self.backend = make_backend(self.config.backend, self.device)
         try:
             self._start_meter()
+            self.scope = ModuleScope(self.model)
             self.host_pool = HostPool(self._host_buffer, _host_limit(self.config.host_budget))
             self.staging = StagingPool()
             self._handles = [
@@ -157,6 +164,15 @@ class Session:
                     json.dump(self.report_dict(), f, indent=1)
         return False  # the user's exception, if any, propagates unchanged
 
+    def _forget_plans(self) -> None:
+        """Drop what an earlier ``with`` of this session planned: its executors hold that
+        block's meter and pools. (Counters and steps add up over the blocks.)"""
+        for cache in (self._executors, self._splits, self._profiles, self._refinements):
+            cache.clear()
+        self._unprofiled.clear()
+        self._tolerated.clear()
+        self.plan = self.executor = self._planned_for = self.measured_peak = None
+
     def _start_meter(self) -> None:
         self.meter = DeviceMeter.for_device(self.device, self.budget,
                                             lambda: f"near {self.executor.layer}"
@@ -177,6 +193,9 @@ class Session:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.scope is not None:
+            self.scope.remove()
+            self.scope = None
         self._exit_saved_hooks()
         self._stop_timing()
         self._use_splits(None)
@@ -205,14 +224,17 @@ class Session:
         self._exit_saved_hooks()  # left pushed if the last forward was interrupted
         self._stop_timing()  # before planning: the profiler runs the model's modules
         self._prepare(args, kwargs)
+        if self.executor.step_over:  # before the layer timer starts: planning runs the model
+            self._fit_to_bytes_in_use(args, kwargs)
+            self.steps += 1
         self._refine_or_time(args, kwargs)
         self.executor.start_forward(_resident_keys(self.model, inputs))
-        self.steps += 1
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self.executor.pack,
-                                                                     self.executor.unpack)
+        self._saved_hooks = self.executor.hooks()
         self._saved_hooks.__enter__()
 
     def _after_forward(self, module: nn.Module, args, output) -> None:
+        if self._saved_hooks is not None:
+            self.executor.end_forward()
         self._exit_saved_hooks()
         if self._timing is not None:
             self._timing.timer.end_forward()
@@ -232,9 +254,30 @@ class Session:
             return
         planned, splits = self._plan(args, kwargs, gradients_held=key[1])
         self._install(key, planned, splits, args, kwargs)
-        if self.refine_steps and self.policy == "auto":
+        if self.refine_steps and self.policy == "auto" and planned.profile is not None:
             self._refinements[key] = Refinement(self.model, planned, self.device,
                                                 self.refine_steps)
+
+    def _fit_to_bytes_in_use(self, args: tuple, kwargs: dict) -> None:
+        """Re-plan when a step starts with more device bytes in use than the plan assumed
+        (the optimizer's state after its first step, a tensor the loop now holds)."""
+        current = self.meter.current
+        grown = current - max(self.plan.start_bytes, self._tolerated.get(self._planned_for, 0))
+        forwards = max(self.plan.forwards, self.executor.forwards)  # of the step just over
+        if self.plan.budget is None or (grown <= max(self.plan.budget // 100, 2**16)
+                                        and forwards == self.plan.forwards):
+            return
+        log.info("vmem: planning again: %s more in use on the device than planned for, %d "
+                 "forward(s) per step", format_bytes(max(grown, 0)), forwards)
+        try:
+            planned, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
+                                         forwards=forwards)
+        except BudgetTooSmall as error:  # training has begun: the safety net carries on
+            self._tolerated[self._planned_for] = current
+            log.warning("vmem: no plan fits what is in use on the device now (%s); training "
+                        "goes on under the plan in force and its safety net", error)
+            return
+        self._install(self._planned_for, planned, splits, args, kwargs)
 
     def _refine_or_time(self, args: tuple, kwargs: dict) -> None:
         """Time this step for its signature's refinement, or re-plan once it has enough."""
@@ -249,7 +292,7 @@ class Session:
         retime = refinement.retime()
         try:
             best, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
-                                      retime=retime)
+                                      retime=retime, forwards=self.plan.forwards)
         except Exception as error:  # noqa: BLE001 -- training goes on under the plan in force
             refinement.give_up(error)
             log.warning("vmem: %s", refinement.summary())
@@ -268,8 +311,8 @@ class Session:
         for executor in self._executors.values():  # sampling only while timing
             executor.density_samples = None
 
-    def _plan(self, args, kwargs, gradients_held: bool,
-              retime=None) -> tuple[Planned, Splits | None]:
+    def _plan(self, args, kwargs, gradients_held: bool, retime=None,
+              forwards: int = 1) -> tuple[Planned, Splits | None]:
         """:meth:`_make_plan` with the meter paused and the model's hooks quiet; on failure
         the current plan stays in force, with its splits."""
         paused = self.meter.paused() if isinstance(self.meter, EmulatedMeter) else \
@@ -277,30 +320,67 @@ class Session:
         self._planning = True
         try:
             with paused:
-                return self._make_plan(args, kwargs, gradients_held, retime)
+                return self._make_plan(args, kwargs, gradients_held, retime, forwards)
         except BaseException:
             self._use_splits(self._splits.get(self._planned_for))
             raise
         finally:
             self._planning = False
 
-    def _make_plan(self, args, kwargs, gradients_held,
-                   retime=None) -> tuple[Planned, Splits | None]:
+    def _make_plan(self, args, kwargs, gradients_held, retime=None,
+                   forwards: int = 1) -> tuple[Planned, Splits | None]:
         """The plan, and the split runs it needs (None when offloading suffices)."""
         self._use_splits(None)  # another signature's splits; _switch_to puts the right ones
         # The model's own forward has started (we run in its pre-hook), so only runs in its
         # submodules can be split.
-        planned = plan_model(
+        signature = _signature(self.model, args, kwargs)
+        if signature in self._unprofiled:
+            return self._unprofiled_plan(forwards), None
+        try:
+            planned = self._plan_model(args, kwargs, gradients_held, retime, forwards)
+        except CannotProfile as error:  # e.g. data-dependent control flow
+            log.warning("vmem: %s cannot run shape-only (%s); every tracked save is offloaded "
+                        "instead, within the budget", type(self.model).__name__,
+                        str(error).splitlines()[0])
+            self._unprofiled.add(signature)
+            return self._unprofiled_plan(forwards), None
+        if not planned.choices:
+            return planned, None
+        stash = HostStash(self.backend, self.host_pool, self.device)
+        return planned, Splits(self.model, planned.choices, planned.plan.approximate, stash)
+
+    def _unprofiled_plan(self, forwards: int) -> Planned:
+        plan = offload_everything(self.budget, headroom_for(self.device.type),
+                                  self.meter.current)
+        return Planned(dataclasses.replace(plan, forwards=forwards), {}, None)
+
+    def _plan_model(self, args, kwargs, gradients_held, retime, forwards) -> Planned:
+        return plan_model(
             self.model, args, kwargs, budget=self.budget, policy=self.policy,
             headroom=headroom_for(self.device.type),
             optimizer=profile_optimizer(self.optimizer) if self.optimizer else None,
             gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
             max_parts=self.config.split or MAX_PARTS, top_level_runs=False, spec=self.spec,
-            retime=retime, compress=self.backend.compresses)
-        if not planned.choices:
-            return planned, None
-        stash = HostStash(self.backend, self.host_pool, self.device)
-        return planned, Splits(self.model, planned.choices, planned.plan.approximate, stash)
+            retime=retime, compress=self.backend.compresses,
+            outside_bytes=self._outside_bytes(args, kwargs, gradients_held), forwards=forwards)
+
+    def _outside_bytes(self, args, kwargs, gradients_held: bool) -> int:
+        """Device bytes in use that the profile and the optimizer's profile do not count:
+        whatever the loop holds besides the model, its gradients, the optimizer's state and
+        this forward's inputs (a dataset on the device that the inputs are sliced from,
+        another model, the optimizer's state when the session was not given the optimizer).
+        """
+        counted: dict[int, int] = {}
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None] \
+            if gradients_held else []
+        for t in [*self.model.parameters(), *self.model.buffers(), *grads,
+                  *_optimizer_state(self.optimizer)]:
+            if t.device == self.device:
+                counted[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+                  and t.device == self.device and t.untyped_storage()._cdata not in counted]
+        profiled = sum(counted.values()) + sum(t.numel() * t.element_size() for t in inputs)
+        return max(0, self.meter.current - profiled)
 
     def _install(self, key, planned: Planned, splits: Splits | None, args, kwargs) -> None:
         """Put ``planned.plan`` in force for inputs of signature ``key`` (new, or replacing
@@ -309,7 +389,7 @@ class Session:
         plan = planned.plan
         self._executors[key] = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
                                                self.staging, _resident_keys(self.model, inputs),
-                                               self._counters)
+                                               self.scope, self._counters, self.meter)
         self._splits[key], self._profiles[key] = splits, planned.profile
         self._switch_to(key)
         log.info("vmem: planned for inputs %s:\n%s", [list(t.shape) for t in inputs],
@@ -354,7 +434,7 @@ class Session:
             ...     s.simulation().iteration_s > 0
             True
         """
-        if self.plan is None:
+        if self.plan is None or self._profiles[self._planned_for] is None:
             return None
         return simulate(self._profiles[self._planned_for], self.plan, self.spec)
 
@@ -377,6 +457,9 @@ class Session:
             data["prefetched_bytes"] = self.executor.prefetched_bytes
             data["reused_bytes"] = self.executor.reused_bytes
             data["compressed_saves"] = self.executor.counters.compressed_saves
+            data["safety_net"] = {k: getattr(self._counters, k) for k in (
+                "forced_offloads", "forced_bytes", "evicted_saves", "evicted_bytes",
+                "unplanned_saves", "held_prefetches")}
             data["backend"] = self.backend.name
             arena = getattr(self.backend, "arena", None)  # the native backend's
             data["native_arena"] = None if arena is None else arena.stats()
@@ -408,6 +491,12 @@ class Session:
             f"{format_bytes(self.executor.reused_bytes)} still on the device when needed, "
             f"{self.executor.counters.compressed_saves} offload(s) compressed; "
             f"{self.backend.name} transfer backend",
+            f"safety net: {self._counters.forced_offloads} save(s) offloaded that the plan "
+            f"kept ({format_bytes(self._counters.forced_bytes)}), "
+            f"{self._counters.evicted_saves} kept save(s) offloaded later "
+            f"({format_bytes(self._counters.evicted_bytes)}), "
+            f"{self._counters.unplanned_saves} save(s) the plan did not know, "
+            f"{self._counters.held_prefetches} prefetch(es) left to backward's demand",
             self._refinement_summary(),
         ])
 
@@ -444,6 +533,10 @@ def _held_tensors(model: nn.Module, optimizer) -> Iterable[torch.Tensor]:
     yield from model.parameters()
     yield from model.buffers()
     yield from (p.grad for p in model.parameters() if p.grad is not None)
+    yield from _optimizer_state(optimizer)
+
+
+def _optimizer_state(optimizer) -> Iterable[torch.Tensor]:
     if optimizer is not None:
         for state in optimizer.state.values():
             yield from (t for t in state.values() if isinstance(t, torch.Tensor))

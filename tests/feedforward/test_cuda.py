@@ -9,6 +9,7 @@ import vmem
 from vmem.control import make_plan
 from vmem.feedforward import HostPool, OffloadExecutor, StagingPool
 from vmem.preprocessing import profile_network
+from vmem.preprocessing.keys import ModuleScope
 from vmem.transfer import backends, make_backend
 
 pytestmark = pytest.mark.gpu
@@ -137,12 +138,13 @@ def test_compressed_offloads_under_delayed_streams():
     backend = make_backend("native", torch.device("cuda"))
     keys = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(), x]}
     executor = OffloadExecutor(plan, torch.device("cuda"), backend, HostPool(backend.host_buffer),
-                               StagingPool(), keys)
+                               StagingPool(), keys, ModuleScope(model))
     handles = [m.register_forward_pre_hook(lambda *_: torch.cuda._sleep(200_000))
                for m in model.modules() if next(m.children(), None) is None]
     executor.start_forward(keys)
-    with torch.autograd.graph.saved_tensors_hooks(executor.pack, executor.unpack):
+    with executor.hooks():
         out = model(x)
+    executor.end_forward()
     out.sum().backward()
     for handle in handles:
         handle.remove()

@@ -7,6 +7,7 @@ from torch import nn
 from vmem.control import make_plan
 from vmem.feedforward import HostPool, OffloadExecutor, StagingPool
 from vmem.preprocessing import profile_network
+from vmem.preprocessing.keys import ModuleScope
 from vmem.transfer import make_backend
 
 
@@ -15,13 +16,14 @@ def _executor(model, shape, policy="vdnn_all"):
     backend = make_backend("torch", torch.device("cpu"))
     keys = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     return OffloadExecutor(plan, torch.device("cpu"), backend, HostPool(backend.host_buffer),
-                           StagingPool(), keys)
+                           StagingPool(), keys, ModuleScope(model))
 
 
 def _step(model, executor, x):
     executor.start_forward(executor.resident | {x.untyped_storage()._cdata})
-    with torch.autograd.graph.saved_tensors_hooks(executor.pack, executor.unpack):
+    with executor.hooks():
         out = model(x)
+    executor.end_forward()
     out.sum().backward()
 
 
@@ -101,10 +103,28 @@ def test_compressed_offloads_give_identical_gradients_and_round_trip():
     keys = {t.untyped_storage()._cdata for t in [*offloaded.parameters(),
                                                  *offloaded.buffers()]}
     executor = OffloadExecutor(plan, torch.device("cpu"), backend,
-                               HostPool(backend.host_buffer), StagingPool(), keys)
+                               HostPool(backend.host_buffer), StagingPool(), keys,
+                               ModuleScope(offloaded))
     _step(offloaded, executor, x)
     assert executor.counters.compressed_saves == plan.offloaded
     assert executor.prefetched_bytes == executor.offloaded_bytes  # all decompressed back
     assert executor.host_pool.stats.overflow_allocations == 0  # host_bytes reserved enough
     for p, q in zip(plain.parameters(), offloaded.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_a_plan_read_back_from_json_runs_as_the_original():
+    x = torch.randn(SHAPE)
+    plain = build("resnet")
+    plain(x).sum().backward()
+    model = build("resnet")
+    executor = _executor(model, SHAPE)
+    plan = executor.plan
+    again = type(plan).from_json(plan.to_json())
+    assert again == plan and all(d.key is not None for d in again.saves)
+    executor.use(again)
+    _step(model, executor, x)
+    assert executor.counters.unplanned_saves == 0
+    assert executor.offloaded_bytes == again.offloaded_bytes > 0
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)

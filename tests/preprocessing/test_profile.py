@@ -181,3 +181,27 @@ def test_predicted_peak_against_cuda_allocator():
     model(x).sum().backward()
     measured = torch.cuda.max_memory_allocated() - base
     assert abs(prof.peak_bytes - measured) <= 0.10 * measured  # cuDNN workspaces are extra
+
+
+def test_a_shape_only_profile_leaves_tied_and_checkpointed_models_alone():
+    """Fake stand-ins replace the model's tensors through backward: a tied weight gets no
+    fake gradient, and a checkpoint inside the model recomputes on the stand-ins (its
+    BatchNorm's running statistics stay the model's own)."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.bn = nn.BatchNorm1d(16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            h = self.emb(tokens).mean(1)
+            return self.head(torch.utils.checkpoint.checkpoint(self.bn, h, use_reentrant=False))
+
+    model = Tied()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prof = profile_network(model, inputs=(torch.zeros(8, 5, dtype=torch.long),))
+    assert prof.peak_bytes > 0 and "bn" in prof.foreign
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

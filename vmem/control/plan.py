@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from ..errors import format_bytes
+from ..preprocessing.keys import SaveKey
 from ..transfer.compression import compressed_nbytes
 
 __all__ = ["Plan", "SaveDecision", "SegmentPlan", "SplitDecision", "KEEP", "OFFLOAD"]
@@ -23,6 +24,13 @@ class SaveDecision:
     action: str  # KEEP or OFFLOAD
     compressed_bytes: int = 0  # offloaded compressed: the predicted bytes on the link; 0: raw
     elem_size: int = 0  # bytes per element, where compressed (the format's unit)
+    key: SaveKey | None = None  # how the executor finds it (see [Note: Which save is it])
+    rise: int = 0  # predicted peak from its save on, minus the device bytes at its save:
+    # the safety net offloads it anyway when the bytes in use plus this pass the target
+
+    def __post_init__(self) -> None:
+        if self.key is not None and not isinstance(self.key, SaveKey):
+            object.__setattr__(self, "key", SaveKey.of(self.key))
 
     @property
     def compress(self) -> bool:
@@ -78,10 +86,14 @@ class Plan:
     predicted_peak: int  # bytes, the whole step (forward, backward, optimizer step)
     plain_peak: int  # the same with nothing offloaded
     staging_bytes: int  # most bytes fetched back and not yet freed (the staging pool)
-    resident_bytes: int  # added to the profile's curve: optimizer state, gradients if held
+    resident_bytes: int  # added to the profile's curve: optimizer state, gradients if held,
+    # what else is on the device when the step starts (a dataset, another model)
     splits: list[SplitDecision] = dataclasses.field(default_factory=list)
     approximate: bool = False  # splits are Split-CNN's, which change the function
     predicted_seconds: float | None = None  # one step on the timeline simulator, if run
+    start_bytes: int = 0  # device bytes in use as the step's first forward starts, assumed
+    unplanned: str = KEEP  # what to do with a save the plan does not know (safety net aside)
+    forwards: int = 1  # forwards of the model in one step (before its backward)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "saves", [s if isinstance(s, SaveDecision)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
 from ..errors import BudgetTooSmall
 from ..preprocessing.hardware import HardwareSpec
 from ..preprocessing.optimizer import OptimizerProfile
@@ -32,10 +34,10 @@ from ..preprocessing.profile import NetworkProfile, SavedStorage
 from ..transfer.compression import compressed_nbytes, pays
 from .memory import MemoryModel
 from .plan import KEEP, OFFLOAD, Plan, SaveDecision, SegmentPlan
-from .segments import CONV_KINDS, segment_of_layers
+from .segments import segment_of_layers
 from .simulator import simulate
 
-__all__ = ["make_plan", "headroom_for", "MAX_DISTANCE", "MIN_BYTES"]
+__all__ = ["make_plan", "headroom_for", "offload_everything", "MAX_DISTANCE", "MIN_BYTES"]
 
 MAX_DISTANCE = 4  # segments
 MIN_BYTES = 16 * 2**10  # smaller saves stay: not worth a transfer
@@ -51,16 +53,39 @@ def headroom_for(device_type: str) -> tuple[float, int]:
     return (0.05, 256 * 2**20) if device_type == "cuda" else (0.02, 0)
 
 
+def offload_everything(budget: int | None, headroom: tuple[float, int],
+                       start_bytes: int) -> Plan:
+    """The plan for a step that could not be profiled: every tracked save offloaded, and
+    fetched back only when backward needs it (no staging: nothing says how much room the
+    rest of backward needs).
+
+    Example::
+
+        >>> offload_everything(2**30, (0.02, 0), 0).unplanned
+        'offload'
+    """
+    fraction, fixed = headroom
+    target = None if budget is None else int(budget * (1 - fraction)) - fixed
+    return Plan(policy="vdnn_all", budget=budget, target=target,
+                headroom=0 if budget is None else budget - target, prefetch_distance=1,
+                min_bytes=MIN_BYTES, saves=[], segments=[], predicted_peak=start_bytes,
+                plain_peak=start_bytes, staging_bytes=0, resident_bytes=0,
+                start_bytes=start_bytes, unplanned=OFFLOAD)
+
+
 def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
               prefetch_distance: int | None = None, optimizer: OptimizerProfile | None = None,
               gradients_held: bool = False, headroom: tuple[float, int] = (0.02, 0),
               min_bytes: int = MIN_BYTES, spec: HardwareSpec | None = None,
-              compress: bool = False) -> Plan:
+              compress: bool = False, outside_bytes: int = 0) -> Plan:
     """Plan one training step of ``profile`` within ``budget`` bytes.
 
     ``gradients_held``: the parameters' gradients are on the device when forward starts
     (gradient accumulation, ``zero_grad(set_to_none=False)``); the profile assumes they are
-    created in backward, so they are added throughout. ``spec``: the hardware to simulate
+    created in backward, so they are added throughout. ``outside_bytes``: device bytes in
+    use when forward starts that the profile does not see (a dataset on the device the loop
+    slices, another model, what a session before this one left), added throughout and to
+    the optimizer step. ``spec``: the hardware to simulate
     the step on (:mod:`.simulator`); with it ``auto`` takes the prefetch distance of the
     fastest simulated step, and the plan carries its predicted time. ``compress``: the
     transfer backend compresses, so an offload whose measured density (the profile's
@@ -81,7 +106,7 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     """
     keywords = dict(budget=budget, policy=policy, prefetch_distance=prefetch_distance,
                     optimizer=optimizer, gradients_held=gradients_held, headroom=headroom,
-                    min_bytes=min_bytes, spec=spec)
+                    min_bytes=min_bytes, spec=spec, outside_bytes=outside_bytes)
     raw = _make_plan(profile, compress=False, **keywords)  # raises when nothing fits
     if not compress or all(save.density is None for save in profile.timeline.saves):
         return raw
@@ -94,15 +119,16 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
 def _make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
                prefetch_distance: int | None, optimizer: OptimizerProfile | None,
                gradients_held: bool, headroom: tuple[float, int], min_bytes: int,
-               spec: HardwareSpec | None, compress: bool) -> Plan:
+               spec: HardwareSpec | None, compress: bool, outside_bytes: int) -> Plan:
     """:func:`make_plan` with compression where it pays (``compress``) or nowhere."""
     layer_segment = segment_of_layers(profile.layers)
     state = optimizer.state_bytes if optimizer else 0
-    held = state + (profile.param_bytes if gradients_held else 0)
+    held = state + (profile.param_bytes if gradients_held else 0) + outside_bytes
     model = MemoryModel(profile, layer_segment, min_bytes, extra_bytes=held)
     step_peak = 0
     if optimizer:  # the step also sees the buffers and the input batch
-        step_peak = optimizer.step_peak + profile.buffer_bytes + profile.input_bytes
+        step_peak = optimizer.step_peak + profile.buffer_bytes + profile.input_bytes + \
+            outside_bytes
     fraction, fixed = headroom
     target = None if budget is None else int(budget * (1 - fraction)) - fixed
 
@@ -166,7 +192,7 @@ def _candidates(profile: NetworkProfile, model: MemoryModel, policy: str,
         return everything
     if policy == "vdnn_conv":
         return [i for i in everything
-                if any(profile.layers[k].kind in CONV_KINDS for k in model.saves[i].layers)]
+                if any(profile.layers[k].conv for k in model.saves[i].layers)]
     flops = [0] * model.segments  # forward + backward FLOPs per segment
     for layer, segment in zip(profile.layers, model.layer_segment, strict=True):
         flops[segment] += layer.forward_flops + layer.backward_flops
@@ -203,13 +229,15 @@ def _widest_distance(offloaded: list[int], target: int | None, peak) -> int:
 def _assemble(profile, model, layer_segment, policy, budget, target, fraction, fixed,
               offloaded, distance, min_bytes, state, peak, link) -> Plan:
     chosen = set(offloaded)
+    curve = model.curve(offloaded, distance)
+    rise = _rise(curve, peak(offloaded, distance))
     saves = [SaveDecision(s.nbytes, profile.layers[s.layers[0]].name, model.segment[i],
                           OFFLOAD if i in chosen else KEEP,
                           *((link[i], s.elem_size) if i in chosen and link[i] < s.nbytes
-                            else (0, 0)))
+                            else (0, 0)), key=s.key, rise=rise[s.saved_at])
              for i, s in enumerate(model.saves)]
     plain = model.memmax(model.curve([], distance))
-    planned = model.memmax(model.curve(offloaded, distance))
+    planned = model.memmax(curve)
     segments = []
     for index in range(model.segments):
         members = [k for k, seg in enumerate(layer_segment) if seg == index]
@@ -223,4 +251,18 @@ def _assemble(profile, model, layer_segment, policy, budget, target, fraction, f
                 prefetch_distance=distance, min_bytes=min_bytes, saves=saves,
                 segments=segments, predicted_peak=peak(offloaded, distance),
                 plain_peak=peak([], distance),
-                staging_bytes=model.staging_bytes(offloaded, distance), resident_bytes=state)
+                staging_bytes=model.staging_bytes(offloaded, distance), resident_bytes=state,
+                start_bytes=(profile.layers[0].live_bytes if profile.layers else 0) + state)
+
+
+def _rise(curve, peak: int) -> list[int]:
+    """Per operator: the predicted peak from there to the end of the step (the optimizer's
+    step included, when ``peak`` is above the curve) minus the bytes in use as a save
+    there is made. A save is made between two operators (inputs before the next runs,
+    outputs after the last ran), before what the next one frees: so the bytes then are
+    the larger of the two operators' peaks."""
+    later = torch.flip(torch.cummax(torch.flip(curve, (0,)), 0).values, (0,))
+    if peak > int(curve.max()):
+        later = torch.clamp(later, min=peak)
+    at_save = torch.maximum(curve, torch.cat([curve[:1], curve[:-1]]))
+    return torch.clamp(later - at_save, min=0).tolist()

@@ -2,18 +2,16 @@
 
 Segments follow the real execution order, so a residual block's downsample convolution
 starts a segment of its own and the residual add belongs to whichever segment it runs in.
-Layers before the first convolution form segment 0 with it.
+Layers before the first convolution form segment 0 with it. A layer is a convolution by
+behaviour (``LayerProfile.conv``: any ``_ConvNd`` module, subclasses included, or the aten
+convolution operator running between modules), never by its class name.
 """
 
 from __future__ import annotations
 
 from ..preprocessing.profile import LayerProfile
 
-__all__ = ["CONV_KINDS", "segment_of_layers"]
-
-CONV_KINDS = frozenset({"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-                        "ConvTranspose3d",
-                        "SplitRun"})  # convolutions run split (vmem.feedforward.split_runs)
+__all__ = ["segment_of_layers"]
 
 
 def segment_of_layers(layers: list[LayerProfile]) -> list[int]:
@@ -29,7 +27,7 @@ def segment_of_layers(layers: list[LayerProfile]) -> list[int]:
     """
     segments, current, seen_conv = [], 0, False
     for layer in layers:
-        if layer.kind in CONV_KINDS:
+        if layer.conv:
             current += seen_conv  # the first convolution joins what came before it
             seen_conv = True
         segments.append(current)

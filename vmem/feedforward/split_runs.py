@@ -103,6 +103,9 @@ class SplitRun(nn.Module):
     in backward; with none, recomputes only their cheap layers (:mod:`.recompute`). Holds
     them in a plain list, so it adds no parameters and is a leaf to module hooks."""
 
+    convolves = True  # the profile counts it as a convolution: it starts a segment
+    vmem_internal = True  # installed and removed by vmem: saves in it are its parent's
+
     def __init__(self, layers: list[nn.Module], parts: int, axis: int,
                  approximate: bool = False, stash=None) -> None:
         super().__init__()

@@ -15,8 +15,9 @@ instruments at once and joins what they see per layer:
 On the ``meta`` device nothing is allocated, so a ResNet-152 at batch 1024 profiles on a
 laptop; the meter's count there is the predicted peak of plain training. On a real device the
 step is also timed per layer (CUDA events, or the host clock on the CPU) over a few
-iterations. The user's model is never modified: the step runs through
-``torch.func.functional_call`` on detached parameters and copied buffers.
+iterations. The user's model is never modified: the step runs with stand-ins (fake or
+copied tensors) in place of its parameters and buffers, as ``torch.func.functional_call``
+does, through backward too.
 
 Example::
 
@@ -41,16 +42,23 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import format_bytes
 from ..meter import DeviceMeter, EmulatedMeter
 from .flops import count_flops
+from .keys import ModuleScope, SaveKey
 
 __all__ = ["LayerProfile", "MemoryTimeline", "NetworkProfile", "SavedStorage",
            "profile_network"]
 
+# What a convolution is, by behaviour: a module of torch's convolution classes (subclasses
+# too), a module that says it convolves (vmem.feedforward.split_runs.SplitRun), or the aten
+# operator a convolution runs as between modules (a subclass with a child module is no leaf).
+_CONVOLUTION_OPS = frozenset({"convolution", "_convolution", "conv2d", "conv3d", "conv1d"})
 _NOT_IN_FORWARD = 2**64 - 1  # sequence number of AccumulateGrad and other graph leaves
 _NEVER = 2**62  # an operator index after every operator
 
@@ -77,6 +85,7 @@ class LayerProfile:
     backward_peak: int = 0  # peak device bytes during its backward
     forward_ms: float | None = None  # measured on a real device, else None
     backward_ms: float | None = None
+    conv: bool = False  # a convolution (module or aten operator): it starts a segment
 
 
 @dataclasses.dataclass
@@ -95,6 +104,11 @@ class SavedStorage:
     freed_at: int  # first operator without it in plain training (after its last use)
     elem_size: int = 0  # bytes per element of the tensor first saved from it
     density: float | None = None  # fraction of non-zero elements, where measured
+    key: SaveKey | None = None  # where it was first saved (see [Note: Which save is it])
+
+    def __post_init__(self) -> None:
+        if self.key is not None and not isinstance(self.key, SaveKey):
+            self.key = SaveKey.of(self.key)
 
 
 @dataclasses.dataclass
@@ -125,6 +139,8 @@ class NetworkProfile:
     input_bytes: int
     peak_bytes: int  # device peak of one plain forward+backward: the predicted plain peak
     timeline: MemoryTimeline  # shape-only (meta) memory of that step, for the planner
+    foreign: list[str] = dataclasses.field(default_factory=list)  # modules whose forward ran
+    # under saved-tensor hooks not the profile's (inside the model's own checkpoint)
 
     def __post_init__(self) -> None:
         if isinstance(self.timeline, dict):
@@ -255,13 +271,16 @@ class _Recorder(TorchDispatchMode):
         self.memory: list[int] = []  # peak device bytes during each operator
         self.op_layer: list[int] = []
         self.spans: list[tuple] = []  # (layer, in backward, start mark, end mark)
+        self.calls_running: ModuleScope | None = None  # which module call saves, while hooked
+        self.foreign: set[str] = set()  # modules run under other saved-tensor hooks
 
     @property
     def now(self) -> int:
         return len(self.memory)  # index of the next operator
 
     # -- layer boundaries -------------------------------------------------------------
-    def start_layer(self, name: str, kind: str, module: bool, inputs) -> LayerProfile:
+    def start_layer(self, name: str, kind: str, module: bool, inputs,
+                    conv: bool = False) -> LayerProfile:
         if module:
             self._settle_pending(self.open)
         self.last_outputs = set()
@@ -271,7 +290,7 @@ class _Recorder(TorchDispatchMode):
             name = f"{name}#{self.calls[name] - 1}"
         shapes, dtypes = _describe(inputs)
         layer = LayerProfile(len(self.layers), name, kind, module, shapes, dtypes,
-                             live_bytes=self.meter.current)
+                             live_bytes=self.meter.current, conv=conv)
         self.layers.append(layer)
         self.seq_starts.append(torch._C._autograd._get_sequence_nr())
         self._settle_pending(layer.index)  # a functional operator's input saves
@@ -299,7 +318,8 @@ class _Recorder(TorchDispatchMode):
 
     # -- module hooks -----------------------------------------------------------------
     def hook(self, model: nn.Module) -> list:
-        handles = []
+        self.calls_running = ModuleScope(model)
+        handles = [self.calls_running]
         for name, module in model.named_modules():
             leaf = next(module.children(), None) is None
             pre, post = (self._leaf_pre, self._leaf_post) if leaf else (self._push, self._pop)
@@ -309,7 +329,10 @@ class _Recorder(TorchDispatchMode):
 
     def _leaf_pre(self, name: str, module: nn.Module):
         def pre(mod, args):
-            layer = self.start_layer(name, type(mod).__name__, True, args)
+            self._note_foreign(name)
+            layer = self.start_layer(name, type(mod).__name__, True, args,
+                                     conv=isinstance(mod, nn.modules.conv._ConvNd) or
+                                     getattr(mod, "convolves", False))
             for p in mod.parameters(recurse=False):
                 key = _storage_key(p)
                 if key not in self.param_layer:
@@ -325,7 +348,15 @@ class _Recorder(TorchDispatchMode):
     def _push(self, name: str, module: nn.Module):
         def pre(mod, args):
             self.scope.append(name)
+            self._note_foreign(name)
         return pre
+
+    def _note_foreign(self, name: str) -> None:
+        """Remember a module whose forward runs under saved-tensor hooks not the profile's
+        (the model's own ``torch.utils.checkpoint``): it recomputes itself already."""
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is None or top[0] != self.pack:
+            self.foreign.add(name)
 
     def _pop(self, mod, args, out) -> None:
         self.scope.pop()
@@ -338,13 +369,15 @@ class _Recorder(TorchDispatchMode):
     # ("pending") for the next boundary: a functional operator starting takes it, a leaf
     # module starting or the forward ending gives it to the layer still open.
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        ordinal = self.calls_running.count_save()  # see [Note: Which save is it]
         storage = t.untyped_storage()
         key = storage._cdata
         if key in self.resident:
             return t
         if key not in self.saves:
             record = SavedStorage(storage.nbytes(), [], self.now, _NEVER, _NEVER, _NEVER,
-                                  t.element_size())
+                                  t.element_size(),
+                                  key=self.calls_running.key(ordinal, storage.nbytes(), t.dtype))
             self.saves[key] = record
             self.save_order.append(record)
             weakref.finalize(storage, self._freed, key)
@@ -382,9 +415,11 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.backward:
             self.switch_to(self._layer_of_backward_op())
-        elif not self.in_leaf and self.seq_end == _NOT_IN_FORWARD:
+        elif not self.in_leaf and self.seq_end == _NOT_IN_FORWARD and \
+                func.namespace != "prim":  # fake tensors' metadata queries compute nothing
             scope, op = self.scope[-1], func._overloadpacket.__name__
-            self.start_layer(f"{scope}.{op}" if scope else op, op, False, (args, kwargs))
+            self.start_layer(f"{scope}.{op}" if scope else op, op, False, (args, kwargs),
+                             conv=op in _CONVOLUTION_OPS)
         self.meter.reset_peak()
         out = func(*args, **kwargs)
         self.memory.append(self.meter.peak)
@@ -441,9 +476,10 @@ class _Releaser(TorchDispatchMode):
     which is the plain step's order.
     """
 
-    def __init__(self, resident: set[int], saves: list[SavedStorage]) -> None:
+    def __init__(self, resident: set[int], saves: list[SavedStorage],
+                 device: torch.device) -> None:
         super().__init__()
-        self.resident, self.saves = resident, saves
+        self.resident, self.saves, self.device = resident, saves, device
         self.seen: dict[int, int] = {}  # alive storage -> index into saves
         self.count = 0  # distinct storages saved so far
         self.ops = 0
@@ -465,17 +501,19 @@ class _Releaser(TorchDispatchMode):
         if index < len(self.saves) and not self.forward_done:
             self.saves[index].released_at = self.ops
 
-    @staticmethod
-    def unpack(packed):
+    def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
         nbytes, dtype, offset, shape, stride = packed
-        storage = torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
-        return torch.empty(0, dtype=dtype, device="meta").set_(storage, offset, shape, stride)
+        storage = torch.empty(nbytes, dtype=torch.uint8, device=self.device).untyped_storage()
+        return torch.empty(0, dtype=dtype, device=self.device).set_(storage, offset, shape,
+                                                                   stride)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         return func(*args, **(kwargs or {}))
+
+    calls_running = None  # saves are told apart by their order here
 
     def hook(self, model: nn.Module) -> list:
         return []
@@ -491,34 +529,57 @@ class _Releaser(TorchDispatchMode):
 
 
 def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, recorder,
-          meter: DeviceMeter | None = None) -> None:
-    """One plain training step (forward, backward of the outputs' sum) under ``recorder``.
+          meter: DeviceMeter | None = None, forwards: int = 1) -> None:
+    """One plain training step (``forwards`` forwards, backward of the outputs' sum) under
+    ``recorder``.
 
-    The output stays alive through backward, as a training loop's ``out`` does."""
+    The outputs stay alive through backward, as a training loop's ``out`` does."""
     args, kwargs = inputs
     handles = recorder.hook(model)
+    calls = recorder.calls_running
     try:
-        with meter or contextlib.nullcontext(), recorder:
-            # Hooks around forward only, as the session's: unpack stays with each save, and a
-            # layer recomputing inside its backward (a split run) saves without them.
-            with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
-                out = torch.func.functional_call(model, tensors, args, kwargs)
+        # The stand-ins replace the model's tensors over the whole step, backward included:
+        # a checkpoint inside the model runs its forward again there (torch.func's
+        # functional_call would have put the model's own tensors back by then).
+        with meter or contextlib.nullcontext(), recorder, \
+                _reparametrize_module(model, tensors, tie_weights=True):
+            if calls:
+                calls.new_step()
+            out = []
+            for _ in range(forwards):
+                # Hooks around forward only, as the session's: unpack stays with each save,
+                # and a layer recomputing inside its backward (a split run) saves without.
+                if calls:
+                    calls.open_model()
+                with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+                    out.append(model(*args, **kwargs))
+                if calls:
+                    calls.close_model()
             recorder.end_forward()
-            loss = sum(t.float().sum() for t in tree_flatten(out)[0]
-                       if isinstance(t, torch.Tensor) and t.requires_grad)
+            grads = [t for t in tree_flatten(out)[0]
+                     if isinstance(t, torch.Tensor) and t.requires_grad]
             recorder.start_backward()
-            loss.backward()
+            if grads:  # a frozen model run with gradients on has no backward
+                with _no_autocast(grads[0].device):  # a loop's backward runs outside it
+                    sum(t.float().sum() for t in grads).backward()
             recorder.end_backward()
-            del loss, out
+            del grads, out
     finally:
         for handle in handles:
             handle.remove()
 
 
+def _no_autocast(device: torch.device):
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, *,
                     inputs: tuple = (), kwargs: dict | None = None,
                     device: torch.device | str = "meta", dtype: torch.dtype | None = None,
-                    iterations: int = 3, name: str | None = None) -> NetworkProfile:
+                    iterations: int = 3, name: str | None = None,
+                    forwards: int = 1) -> NetworkProfile:
     """Profile one plain training step of ``model``.
 
     Args:
@@ -535,6 +596,8 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
         iterations: timed steps on a real device, after one warm-up step; per-layer times are
             the median.
         name: what the profile calls the model (the class name by default).
+        forwards: forwards of the same inputs before the one backward (a loop that sums
+            the losses of two views of a batch runs two).
 
     Example::
 
@@ -561,12 +624,15 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
     device = torch.device(device)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    meta = torch.device("meta")
-    recorder, _ = _run(model, params, buffers, example, meta, dtype, timed=False)
-    tensors = _device_copies(params, buffers, meta, dtype)
-    stand_ins = _stand_ins(example, meta)
-    _step(model, tensors, stand_ins,
-          _Releaser(_keys(list(tensors.values()), stand_ins), recorder.save_order))
+    shape_device = _shape_device(model, tensors_in)
+    with _shape_only(shape_device):
+        recorder, _ = _run(model, params, buffers, example, shape_device, dtype, timed=False,
+                           shape_only=True, forwards=forwards)
+        tensors = _device_copies(params, buffers, shape_device, dtype, shape_only=True)
+        stand_ins = _stand_ins(example, shape_device, shape_only=True)
+        _step(model, tensors, stand_ins, _Releaser(_keys(list(tensors.values()), stand_ins),
+                                                   recorder.save_order, shape_device),
+              forwards=forwards)
     layers, peak = recorder.layers, max(recorder.memory, default=0)
     if device.type != "meta":
         steps = [_run(model, params, buffers, example, device, dtype, timed=True)
@@ -588,15 +654,32 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
         input_bytes=sum(t.numel() * t.element_size() for t in tensors_in),
         peak_bytes=peak,
         timeline=recorder.timeline(),
+        foreign=sorted(recorder.foreign),
     )
 
 
-def _stand_ins(example: tuple, device: torch.device) -> tuple:
+def _shape_device(model: nn.Module, inputs: list[torch.Tensor]) -> torch.device:
+    """The device a shape-only profile's tensors report: the model's (or its input's), so
+    that autocast, dtype promotion and device-specific kernels apply as in the real step."""
+    for t in [*model.parameters(), *model.buffers(), *inputs]:
+        return t.device
+    return torch.device("meta")
+
+
+def _shape_only(device: torch.device):
+    """Where tensors made on ``device`` hold no memory: fake tensors reporting ``device``
+    (torch.compile's own), or the ``meta`` device itself."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _stand_ins(example: tuple, device: torch.device, shape_only: bool = False) -> tuple:
     """The example inputs with each tensor replaced by a fresh one on ``device``."""
     def stand_in(value):
         if not isinstance(value, torch.Tensor):
             return value
-        if device.type == "meta":
+        if shape_only:
             return torch.empty(value.shape, dtype=value.dtype, device=device)
         if value.is_floating_point():
             return torch.randn(value.shape, dtype=value.dtype, device=device)
@@ -610,17 +693,18 @@ def _keys(*groups) -> set[int]:
 
 
 def _run(model: nn.Module, params: dict, buffers: dict, example: tuple, device: torch.device,
-         dtype: torch.dtype, timed: bool):
-    """One recorded step on ``device``; returns the recorder and, if timed, the times."""
-    tensors = _device_copies(params, buffers, device, dtype)
-    stand_ins = _stand_ins(example, device)
-    meter = DeviceMeter.for_device(device)
+         dtype: torch.dtype, timed: bool, shape_only: bool = False, forwards: int = 1):
+    """One recorded step on ``device`` (shape-only: under :func:`_shape_only`); returns the
+    recorder and, if timed, the times."""
+    tensors = _device_copies(params, buffers, device, dtype, shape_only)
+    stand_ins = _stand_ins(example, device, shape_only)
+    meter = EmulatedMeter(device, fake=True) if shape_only else DeviceMeter.for_device(device)
     resident = _keys(list(tensors.values()), stand_ins)
     if isinstance(meter, EmulatedMeter):
         meter.track([*tensors.values(), *(t for t in tree_flatten(stand_ins)[0]
                                           if isinstance(t, torch.Tensor))])
     recorder = _Recorder(meter, _Clock(device) if timed else None, resident)
-    _step(model, tensors, stand_ins, recorder, meter)
+    _step(model, tensors, stand_ins, recorder, meter, forwards)
     return recorder, recorder.times() if timed else None
 
 
@@ -630,11 +714,12 @@ def _nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def _device_copies(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                   device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                   device: torch.device, dtype: torch.dtype,
+                   shape_only: bool = False) -> dict[str, torch.Tensor]:
     """Stand-ins for the model's tensors on ``device``; the model's own are left alone."""
     def copy(t: torch.Tensor) -> torch.Tensor:
         kind = dtype if t.is_floating_point() else t.dtype
-        return torch.empty(t.shape, dtype=kind, device=device) if device.type == "meta" else \
+        return torch.empty(t.shape, dtype=kind, device=device) if shape_only else \
             t.detach().to(device=device, dtype=kind, copy=True)
     tensors = {k: copy(p).requires_grad_(p.requires_grad) for k, p in params.items()}
     tensors.update({k: copy(b) for k, b in buffers.items()})
