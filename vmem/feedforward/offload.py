@@ -48,9 +48,8 @@ class _Stored:
     """One copy of a storage in the host pool, and its device copy while fetched back."""
 
     __slots__ = ("nbytes", "segment", "forward", "host", "elem_size", "offloaded", "original",
-                 "version",
-                 "device", "fetched", "consumed", "freed_copy", "packs", "unpacks", "backend",
-                 "give_back", "__weakref__")
+                 "version", "device", "fetched", "consumed", "freed_copy", "packs", "unpacks",
+                 "backend", "give_back", "__weakref__")
 
     def __init__(self, t: torch.Tensor, segment: int, forward: int, host: torch.Tensor,
                  give_back, backend: TransferBackend, source: torch.Tensor,
@@ -169,6 +168,7 @@ class OffloadExecutor:
         self.density_samples: dict[tuple[str, int], list] | None = None
         self._warned = False
         self._backward_ran = True  # so that the first forward starts a step
+        self._in_backward = False  # a backward is running whose end is awaited
         self._forwards = 0  # forwards so far (a forward's number tells its step's apart)
         self._last_pack = None  # a weak reference to the latest forward's latest tracked save
         self.use(plan)
@@ -183,6 +183,7 @@ class OffloadExecutor:
 
     def _new_step(self) -> None:
         self.alive: dict[int, _Entry] = {}  # storage -> its entry, while the storage lives
+        self._evictable: list[_Entry] = []  # entries kept so far, first saved first
         # Per forward of the step (by its number in the session): per segment, the offloads
         # not yet fetched back, and the lowest segment whose prefetches were issued.
         self.waiting: dict[int, list[list[weakref.ref]]] = {}
@@ -247,11 +248,12 @@ class OffloadExecutor:
             stored = None
         if stored is None or t.is_complex():  # kept (complex views: their conj bits)
             packed = _Kept(t, entry.segment, entry.forward)
-            entry.kept.append(weakref.ref(packed))
+            self._last_pack = weakref.ref(packed)
+            entry.kept.append(self._last_pack)
         else:
             stored.packs += 1
             packed = _Packed(stored, t)
-        self._last_pack = weakref.ref(packed)
+            self._last_pack = weakref.ref(packed)
         return packed
 
     # Note: [The safety net]
@@ -295,28 +297,35 @@ class OffloadExecutor:
             self._evict_kept()
         stored = None if not offload or t.is_complex() else \
             self._offload(t, storage, segment, compress)
-        return _Entry(segment, self.forward, stored, t), stored
+        entry = _Entry(segment, self.forward, stored, t)
+        if stored is None:
+            self._evictable.append(entry)
+        return entry, stored
 
     def _evict_kept(self) -> None:
         """Offload kept saves that the forward code has let go of, first saved first (needed
         last), until the bytes in use plus the rise fit the target again. (Counted as freed
         when evicted: on CUDA the caching allocator frees a block only once its copy is
         done, and reading it back at once would evict everything.)"""
-        freed = 0
-        for entry in list(self.alive.values()):
+        freed, still = 0, []
+        for position, entry in enumerate(self._evictable):
             if not self._crosses_target(self._rise - freed):
-                return
-            if entry.stored is not None or entry.original() is not None:
-                continue
+                still += self._evictable[position:]
+                break
             kept = [k for k in (ref() for ref in entry.kept) if k is not None and
                     k.tensor is not None and not k.tensor.is_complex()]
-            if not kept or any(k.tensor._version != k.version for k in kept):
-                continue  # changed in place since: unpack raises as autograd would
+            if not kept or entry.stored is not None:
+                continue  # its graph is gone, or it was offloaded since: never again here
+            if entry.original() is not None or \
+                    any(k.tensor._version != k.version for k in kept):
+                still.append(entry)  # the forward holds it, or it was changed in place
+                continue  # since (unpack raises as autograd would)
             storage = kept[0].tensor.untyped_storage()
             stored = self._offload(kept[0].tensor, storage, entry.segment,
                                    forward=entry.forward)
             if stored is None:  # the host budget is spent
-                return
+                still += self._evictable[position:]
+                break
             entry.stored = weakref.ref(stored)
             self.counters.evicted_saves += 1
             self.counters.evicted_bytes += storage.nbytes()
@@ -325,6 +334,7 @@ class OffloadExecutor:
             for k in kept:
                 k.evict(stored)
             del kept
+        self._evictable = still
 
     def _crosses_target(self, extra: int) -> bool:
         """Whether the bytes in use plus ``extra`` pass the plan's target."""
@@ -417,8 +427,6 @@ class OffloadExecutor:
         self.backend.consume(stored.device, stored.fetched)
         stored.consumed = True
         return stored.device
-
-    _in_backward = False
 
     def _backward_done(self) -> None:
         self._in_backward, self._backward_ran = False, True
