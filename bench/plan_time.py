@@ -49,7 +49,7 @@ def _case(name: str, batch: int, fraction: float, spec) -> str:
                                    optimizer=optimizer, headroom=headroom, spec=spec)
     whole_s, planned = _median_seconds(plan_model, model, (x,), budget=budget, policy="auto",
                                        headroom=headroom, optimizer=optimizer, spec=spec)
-    chosen = "recompute" if planned.choices else "offload"
+    chosen = "recompute" if planned.plan.splits else "offload"
     return (f"{name:<10} {batch:>6} {format_bytes(budget):>11} {profile_s:>10.2f} "
             f"{plan_s:>12.3f} {whole_s:>13.2f} {planned.plan.predicted_seconds:>9.3f}s "
             f"{chosen:>10}")

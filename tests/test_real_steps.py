@@ -277,6 +277,11 @@ def test_the_safety_net_holds_a_plan_made_for_fp32_while_the_step_runs_bf16():
     counters = session.executor.counters
     assert counters.unplanned_saves > 0 and counters.forced_offloads > 0
     assert "safety net: " in session.report()
+    # Step 1's trace showed the plan wrong; step 2 ran under a plan of the bf16 step.
+    first, second = session.traces
+    assert first["unplanned_saves"] == first["saves"] > 0
+    assert second["plan"].startswith("planned again") and second["unplanned_saves"] == 0
+    assert max(first["measured_peak"], second["measured_peak"]) <= budget
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                                   model.state_dict().values(), strict=True))
 
@@ -292,6 +297,30 @@ def test_a_second_backward_through_a_retained_graph_is_exact():
     plan does not model a second backward, so the budget here is plain's peak."""
     s = _check(_resnet20, _step_retain_graph, 1.0, policy="vdnn_all")
     assert s.executor.prefetched_bytes > s.executor.offloaded_bytes > 0
+
+
+def _step_dice_and_cross_entropy(model, opt, x, y):
+    """A segmentation loss whose saves (softmax, one-hot products) the profile never sees."""
+    out = model(x)
+    prob = out.softmax(1)
+    onehot = F.one_hot(y, out.shape[1]).permute(0, 3, 1, 2).float()
+    dice = 1 - (2 * (prob * onehot).sum((2, 3)) + 1) / \
+        (prob.square().sum((2, 3)) + onehot.sum((2, 3)) + 1)
+    (F.cross_entropy(out, y) + dice.mean()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_the_first_step_is_traced_and_the_plan_corrected_from_it():
+    s = _check(_encoder_decoder, _step_dice_and_cross_entropy, 0.5,
+               data_fn=lambda: _data(steps=3, labels=(4, 32, 32)))
+    first, *replanned = s.traces
+    assert first["step"] == 1 and first["plan"] == "first plan"
+    assert first["measured_peak"] > first["predicted_peak"] and first["excess_bytes"] > 0
+    assert replanned and all("beyond the plan" in t["plan"] for t in replanned)
+    assert replanned[-1]["predicted_peak"] >= replanned[-1]["measured_peak"]
+    report = s.report()
+    assert "step 1 (first plan): predicted peak" in report and "beyond the plan" in report
 
 
 @pytest.mark.parametrize("fraction", FRACTIONS)

@@ -9,6 +9,7 @@ from test_session import budgets, train
 from torch import nn
 
 import vmem
+from vmem.feedforward.split_runs import choices_of
 from vmem.planning import TIE, plan_model
 from vmem.preprocessing.timing import LayerTimer
 from vmem.refinement import IMPROVEMENT, WARM_UP, measured_profile
@@ -26,7 +27,8 @@ def _profiles(model):
 
 def test_measured_times_move_between_candidates_by_name_and_by_work():
     model = build("vgg_bn")
-    (_, _, plain), (_, choices, recomputed) = _profiles(model)
+    (_, plain), (plan, recomputed) = _profiles(model)
+    choices = choices_of(model, plan.splits)
     first = next(iter(choices))  # features[0:7]
     groups = {name: run for run in choices for name in [run.module_name, *run.layer_names()]}
     in_first = set(first.layer_names())
@@ -173,7 +175,7 @@ def test_sampling_stops_after_the_measured_forwards_even_without_backward():
     with vmem.session(model, optimizer=opt, budget=7 * 2**20, refine_steps=2) as s:
         for _ in range(10):
             model(torch.randn(SHAPE))  # no backward
-        refinement = s._refinements[s._planned_for]
+        refinement = s._current.refinement
         assert refinement.sampled == WARM_UP + 2 and refinement.outcome is None
         tracked = len({(d.layer, d.nbytes) for d in s.plan.saves})
         assert len(refinement.samples) == tracked

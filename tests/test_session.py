@@ -170,14 +170,14 @@ def test_sample_plans_up_front_and_a_new_shape_replans():
 
 def test_host_pool_is_reused_across_steps():
     s, _, _ = train(build("resnet"), steps=4, policy="vdnn_all")
-    stats = s.host_pool.stats
+    stats = s.pools.host.stats
     assert stats.arena_allocations == 1 and stats.overflow_allocations == 0
     assert stats.slices == 4 * s.plan.offloaded and stats.in_use == 0
     assert s.executor.offloaded_bytes == 4 * s.plan.offloaded_bytes
     # The input batch stays (the loop holds it); everything offloaded comes back by copy.
     assert s.executor.reused_bytes == 0
     assert s.executor.prefetched_bytes == s.executor.offloaded_bytes
-    assert s.staging.stats.prefetched > 0
+    assert s.pools.staging.stats.prefetched > 0
 
 
 def test_report_and_json_report(tmp_path):

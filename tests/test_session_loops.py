@@ -143,7 +143,7 @@ def test_host_slices_go_back_even_when_the_loop_keeps_a_saved_output():
             out = model(torch.randn(SHAPE))
             out.sum().backward()
             kept.append(out.detach())
-        stats = s.host_pool.stats
+        stats = s.pools.host.stats
         assert stats.in_use == 0 and stats.overflow_allocations == 0
 
 

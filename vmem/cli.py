@@ -138,7 +138,7 @@ def _plan(args: argparse.Namespace) -> int:
                     dtype=args.dtype)
     spec = emulated_spec(args.hardware)
     try:
-        plan, _, profile = plan_model(model, (x,), budget=budget, policy=args.policy,
+        plan, profile = plan_model(model, (x,), budget=budget, policy=args.policy,
                                       headroom=headroom_for(args.device), optimizer=optimizer,
                                       max_parts=args.split or MAX_PARTS, spec=spec)
     except RuntimeError as err:  # e.g. an image too small for the network's pooling

@@ -70,6 +70,15 @@ class DeviceMeter(TorchDispatchMode):
     def reset_peak(self) -> None:
         raise NotImplementedError
 
+    def start_window(self) -> None:
+        """Start measuring :attr:`window_peak` (one step's peak) from the bytes in use now;
+        :attr:`peak` stays the peak since the meter started or was reset."""
+        raise NotImplementedError
+
+    @property
+    def window_peak(self) -> int:
+        raise NotImplementedError
+
     def _check_limit(self, func) -> None:
         if self.limit is not None and self.peak > self.limit:
             layer = (self.where() if self.where else None) or str(func)
@@ -77,7 +86,16 @@ class DeviceMeter(TorchDispatchMode):
 
 
 class CudaMeter(DeviceMeter):
-    """Reads ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` for one device."""
+    """Reads ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` for one device.
+
+    A window resets the allocator's peak statistic (what ``max_memory_allocated`` reads
+    afterwards starts there too); the meter's own :attr:`peak` keeps the earlier maximum.
+    """
+
+    def __init__(self, device: torch.device, limit: int | None = None,
+                 where: Callable[[], str | None] | None = None) -> None:
+        super().__init__(device, limit, where)
+        self._before_window = 0  # the peak before the latest window started
 
     def __enter__(self) -> CudaMeter:
         self.reset_peak()
@@ -95,10 +113,19 @@ class CudaMeter(DeviceMeter):
 
     @property
     def peak(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device)
+        return max(self._before_window, torch.cuda.max_memory_allocated(self.device))
 
     def reset_peak(self) -> None:
+        self._before_window = 0
         torch.cuda.reset_peak_memory_stats(self.device)
+
+    def start_window(self) -> None:
+        self._before_window = self.peak
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def window_peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -126,6 +153,7 @@ class EmulatedMeter(DeviceMeter):
         self._excluded: set[int] = set()
         self._current = 0
         self._peak = 0
+        self._window_peak = 0
         self._paused = False
 
     @property
@@ -138,6 +166,13 @@ class EmulatedMeter(DeviceMeter):
 
     def reset_peak(self) -> None:
         self._peak = self._current
+
+    def start_window(self) -> None:
+        self._window_peak = self._current
+
+    @property
+    def window_peak(self) -> int:
+        return self._window_peak
 
     @contextlib.contextmanager
     def paused(self):
@@ -200,6 +235,7 @@ class EmulatedMeter(DeviceMeter):
         self._current += nbytes - self._live.get(key, 0)  # a resize changes an entry
         self._live[key] = nbytes
         self._peak = max(self._peak, self._current)
+        self._window_peak = max(self._window_peak, self._current)
 
     def _release(self, key: int) -> None:
         self._current -= self._live.pop(key, 0)

@@ -47,8 +47,7 @@ class CannotProfile(RuntimeError):
 
 
 class Planned(NamedTuple):
-    plan: Plan
-    choices: dict  # {run: (parts, axis)} of the runs to split (one part: recompute)
+    plan: Plan  # its ``splits`` name the runs to split or recompute
     profile: NetworkProfile | None  # of the model with those runs installed (None: the
     # model could not run shape-only, and the plan offloads every tracked save)
 
@@ -60,9 +59,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                top_level_runs: bool = True, spec: HardwareSpec | None = None,
                retime: Callable[[NetworkProfile], NetworkProfile] | None = None,
                compress: bool = False, outside_bytes: int = 0, forwards: int = 1) -> Planned:
-    """The plan for one training step of ``model(*args, **kwargs)``, the runs it splits or
-    recomputes ``{run: (parts, axis)}`` (empty when offloading suffices) and the profile of
-    the model with those runs installed.
+    """The plan for one training step of ``model(*args, **kwargs)`` (its ``splits``: the
+    runs it splits or recomputes, none when offloading suffices) and the profile of the model
+    with those runs installed.
 
     ``policy``: ``auto``, ``none``, ``vdnn_all``, ``vdnn_conv``, ``recompute`` (every run
     recomputed in backward, nothing offloaded) or ``split_approx``; only ``auto`` and
@@ -87,9 +86,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         >>> with torch.device("meta"):
         ...     model = vmem.models.vgg11()
         >>> x = torch.empty(32, 3, 128, 128, device="meta")  # plain: 1.46 GiB
-        >>> plan, choices, _ = plan_model(model, (x,), budget=5 * 2**28, policy="auto",
-        ...                               headroom=(0.02, 0))  # offloading alone: 1.43 GiB
-        >>> [parts for parts, axis in choices.values()], plan.predicted_peak <= 5 * 2**28
+        >>> plan, _ = plan_model(model, (x,), budget=5 * 2**28, policy="auto",
+        ...                      headroom=(0.02, 0))  # offloading alone: 1.43 GiB
+        >>> [split.parts for split in plan.splits], plan.predicted_peak <= 5 * 2**28
         ([4, 2, 2, 2, 2], True)
     """
     approximate = policy == "split_approx"
@@ -129,7 +128,7 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         plan = dataclasses.replace(plan, policy="recompute" if offload_policy == "none" else
                                    plan.policy,
                                    splits=decisions(choices, unsplit, profiles[parts]))
-        return Planned(plan, choices, profiles[parts])
+        return Planned(plan, profiles[parts])
 
     if policy == "recompute":
         if not runs:
@@ -139,9 +138,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 "starting at a Conv2d); use policy='auto' or 'vdnn_conv'")
         return recompute("none")
     if policy == "auto" and spec is not None:
-        attempts = {"auto": lambda: Planned(plan_of(unsplit), {}, unsplit),
-                    "vdnn_conv": lambda: Planned(plan_of(unsplit, "vdnn_conv"), {}, unsplit),
-                    "vdnn_all": lambda: Planned(plan_of(unsplit, "vdnn_all"), {}, unsplit)}
+        attempts = {"auto": lambda: Planned(plan_of(unsplit), unsplit),
+                    "vdnn_conv": lambda: Planned(plan_of(unsplit, "vdnn_conv"), unsplit),
+                    "vdnn_all": lambda: Planned(plan_of(unsplit, "vdnn_all"), unsplit)}
         if runs:
             attempts["recompute"] = lambda: recompute("none")
             attempts["recompute + auto"] = lambda: recompute("auto")
@@ -160,10 +159,10 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                         if c.plan.predicted_seconds <= best * (1 + TIE))
             log.info("vmem: auto takes the %s plan, %s", name, ", ".join(
                 f"{n} {c[0].predicted_seconds * 1e3:.1f} ms" for n, c in candidates.items()))
-            plan, choices, profile = candidates[name]
-            return Planned(dataclasses.replace(plan, policy="auto"), choices, profile)
+            plan, profile = candidates[name]
+            return Planned(dataclasses.replace(plan, policy="auto"), profile)
     try:
-        return Planned(plan_of(unsplit), {}, unsplit)
+        return Planned(plan_of(unsplit), unsplit)
     except BudgetTooSmall:
         if policy not in ("auto", "split_approx") or not runs or max_parts < 2:
             raise
@@ -171,5 +170,5 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
              format_bytes(budget))
     first = next((t for t in args if isinstance(t, torch.Tensor)), None)
     batch = 0 if approximate or first is None or not first.dim() else first.shape[0]
-    plan, choices, profile = choose_splits(runs, profile_of, plan_of, unsplit, batch, max_parts)
-    return Planned(dataclasses.replace(plan, approximate=approximate), choices, profile)
+    plan, _, profile = choose_splits(runs, profile_of, plan_of, unsplit, batch, max_parts)
+    return Planned(dataclasses.replace(plan, approximate=approximate), profile)

@@ -68,8 +68,8 @@ class Outcome:
 class Refinement:
     """One input signature's refinement: time its first steps, then decide once.
 
-    ``planned``: the plan in force, its split choices and its profile (whose layers are
-    timed); ``steps``: how many steps to measure after the warm-up.
+    ``planned``: the plan in force and its profile (whose layers are timed); ``steps``: how
+    many steps to measure after the warm-up.
     """
 
     def __init__(self, model: nn.Module, planned: Planned, device: torch.device,

@@ -1,10 +1,12 @@
 """``vmem.session``: train an unchanged model within a device-memory budget.
 
 The session plans on the first forward (or up front from ``sample``) and again whenever the
-input's shape changes; each forward then runs under the plan's saved-tensor hooks. With
-``auto``, once the first steps of an input signature have been timed per layer, it re-plans
-once on the measured times (:mod:`vmem.refinement`). On exit, normal or by exception, it
-leaves the model and the process as it found them.
+input's shape changes, and keeps one installed plan per input signature
+(:func:`vmem.feedforward.install`); each forward runs under it. The first step under each
+plan is traced (:mod:`vmem.preprocessing.trace`) and the session plans again from what it
+shows. With ``auto``, once the first steps of an input signature have been timed per layer,
+it re-plans once on the measured times (:mod:`vmem.refinement`). On exit, normal or by
+exception, it leaves the model and the process as it found them.
 """
 
 from __future__ import annotations
@@ -26,20 +28,30 @@ from .control.planner import headroom_for, offload_everything
 from .control.simulator import Simulation, simulate
 from .control.splitting import MAX_PARTS
 from .errors import BudgetTooSmall, format_bytes
-from .feedforward import HostPool, OffloadExecutor, StagingPool, TransferCounters
-from .feedforward.split_runs import Splits
-from .feedforward.stream import HostStash
+from .feedforward import (
+    HostPool,
+    Installed,
+    OffloadExecutor,
+    Pools,
+    StagingPool,
+    TransferCounters,
+    install,
+)
 from .meter import CudaMeter, DeviceMeter, EmulatedMeter
 from .planning import CannotProfile, Planned, plan_model
+from .preprocessing import NetworkProfile
 from .preprocessing.hardware import detect_hardware
 from .preprocessing.keys import ModuleScope
 from .preprocessing.optimizer import profile_optimizer
+from .preprocessing.trace import StepTrace
 from .refinement import STEPS, Refinement
 from .transfer import make_backend
 
 __all__ = ["Session", "session"]
 
 log = logging.getLogger("vmem")
+
+CORRECTIONS = 3  # re-plans per input signature from a traced step's excess, at most
 
 
 def session(model: nn.Module, *, budget: int | float | str | None = None,
@@ -87,6 +99,23 @@ def session(model: nn.Module, *, budget: int | float | str | None = None,
                    **config)
 
 
+@dataclasses.dataclass
+class _Signature:
+    """What the session keeps of one input signature (shapes, dtypes, gradients held)."""
+
+    installed: Installed  # the plan in force for it
+    profile: NetworkProfile | None  # the plan's, timed once refined (the simulation's);
+    # None: the model cannot run shape-only for it, and every tracked save is offloaded
+    refinement: Refinement | None = None  # with auto: the re-plan on measured times
+    tolerated: int = 0  # bytes in use at a step's start that no plan fitted, under which
+    # the plan in force carries on (its safety net holds the budget)
+    why: str = "first plan"  # what made the plan in force
+    traced: bool = False  # whether the plan in force's first step has been traced
+    pending: StepTrace | None = None  # that trace, until the next step's start reads it
+    excess: int = 0  # bytes traced steps held beyond their plans': planned as in use
+    corrections: int = 0  # re-plans made for a traced excess
+
+
 class Session:
     """The state of one ``with vmem.session(...)`` block; see :func:`session`."""
 
@@ -100,33 +129,40 @@ class Session:
         self.active = self.config.device_budget is not None or self.config.policy is not None
         self.policy = self.config.policy or "auto"
         self.device = _device_of(model)
-        self.plan: Plan | None = None
         self.budget: int | None = None
         self.spec = None  # the device's HardwareSpec, once entered
         self.steps = 0
         self.measured_peak: int | None = None
-        self.executor: OffloadExecutor | None = None
-        self._executors: dict = {}  # one per input signature (shapes, dtypes, gradients held)
-        self._splits: dict = {}  # the split runs each signature's plan chose, or None
-        self._profiles: dict = {}  # the profile each signature's plan was made from (timed,
-        # once refined), for the simulation of the plan in force
-        self._active_splits: Splits | None = None
+        self._signatures: dict[tuple, _Signature] = {}  # every input signature planned
+        self._planned_for: tuple | None = None  # the signature whose plan is in force
         self._counters = TransferCounters()
         self._handles: list = []
-        self._saved_hooks = None
-        self._planned_for = None
+        self._forwarding: Installed | None = None  # whose forward is running
         self._planning = False
-        self._unprofiled: set = set()  # input signatures the model cannot run shape-only for
-        self._tolerated: dict = {}  # per signature: bytes in use at a step's start that no
-        # plan fitted, under which the plan in force carries on
-        self._refinements: dict = {}  # per input signature planned by auto: its Refinement
         self._timing: Refinement | None = None  # whose timer is timing the step running
+        self._trace: tuple[tuple, StepTrace] | None = None  # the step being traced, and
+        # its signature
+        self.traces: list[dict] = []  # every traced step: its plan, predicted and measured
         steps = self.config.refine_steps
         self.refine_steps = steps if steps is not None else \
             STEPS if self.device.type == "cuda" else 0
         self._old_fraction: float | None = None
         self.meter: DeviceMeter | None = None
         self.scope: ModuleScope | None = None  # names each save (see [Note: Which save is it])
+
+    @property
+    def _current(self) -> _Signature | None:
+        return self._signatures.get(self._planned_for)
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan in force (for the latest forward's input signature); None before any."""
+        return None if self._current is None else self._current.installed.plan
+
+    @property
+    def executor(self) -> OffloadExecutor | None:
+        """The plan in force's offload executor; None before any plan."""
+        return None if self._current is None else self._current.installed.executor
 
     # -- entering and leaving ---------------------------------------------------------
     def __enter__(self) -> Session:
@@ -143,8 +179,8 @@ class Session:
         try:
             self._start_meter()
             self.scope = ModuleScope(self.model)
-            self.host_pool = HostPool(self._host_buffer, _host_limit(self.config.host_budget))
-            self.staging = StagingPool()
+            self.pools = Pools(HostPool(self._host_buffer, _host_limit(self.config.host_budget)),
+                               StagingPool())
             self._handles = [
                 self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                 self.model.register_forward_hook(self._after_forward, always_call=True),
@@ -167,11 +203,9 @@ class Session:
     def _forget_plans(self) -> None:
         """Drop what an earlier ``with`` of this session planned: its executors hold that
         block's meter and pools. (Counters and steps add up over the blocks.)"""
-        for cache in (self._executors, self._splits, self._profiles, self._refinements):
-            cache.clear()
-        self._unprofiled.clear()
-        self._tolerated.clear()
-        self.plan = self.executor = self._planned_for = self.measured_peak = None
+        self._signatures.clear()
+        self._planned_for = self.measured_peak = self._trace = None
+        self.traces = []
 
     def _start_meter(self) -> None:
         self.meter = DeviceMeter.for_device(self.device, self.budget,
@@ -193,16 +227,16 @@ class Session:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._end_forward()
         if self.scope is not None:
             self.scope.remove()
             self.scope = None
-        self._exit_saved_hooks()
         self._stop_timing()
-        self._use_splits(None)
-        if self.executor is not None:
-            self.executor.synchronize()
-        if getattr(self, "host_pool", None) is not None:
-            self.host_pool.release()
+        self._finish_trace()
+        for signature in self._signatures.values():
+            signature.installed.uninstall()
+        if getattr(self, "pools", None) is not None:
+            self.pools.host.release()
             self.backend.release()
         if self.meter is not None:
             self.measured_peak = self.meter.peak
@@ -221,67 +255,110 @@ class Session:
             return
         if isinstance(self.meter, EmulatedMeter):
             self.meter.track(inputs)
-        self._exit_saved_hooks()  # left pushed if the last forward was interrupted
+        self._end_forward()  # left open if the last forward was interrupted
         self._stop_timing()  # before planning: the profiler runs the model's modules
         self._prepare(args, kwargs)
         if self.executor.step_over:  # before the layer timer starts: planning runs the model
+            self._finish_trace()
             self._fit_to_bytes_in_use(args, kwargs)
             self.steps += 1
+            self._start_trace()
         self._refine_or_time(args, kwargs)
-        self.executor.start_forward(_resident_keys(self.model, inputs))
-        self._saved_hooks = self.executor.hooks()
-        self._saved_hooks.__enter__()
+        self._forwarding = self._current.installed
+        self._forwarding.start_forward(inputs)
 
     def _after_forward(self, module: nn.Module, args, output) -> None:
-        if self._saved_hooks is not None:
-            self.executor.end_forward()
-        self._exit_saved_hooks()
+        self._end_forward()
         if self._timing is not None:
             self._timing.timer.end_forward()
 
-    def _exit_saved_hooks(self) -> None:
-        if self._saved_hooks is not None:
-            self._saved_hooks.__exit__(None, None, None)
-            self._saved_hooks = None
+    def _end_forward(self) -> None:
+        if self._forwarding is not None:
+            self._forwarding.end_forward()
+            self._forwarding = None
 
     def _prepare(self, args: tuple, kwargs: dict) -> None:
         """Plan for inputs like these unless the current plan already is for them."""
         key = _signature(self.model, args, kwargs)
         if key == self._planned_for:
             return
-        if key in self._executors:  # planned before (accumulation alternates two plans)
+        if key in self._signatures:  # planned before (accumulation alternates two plans)
             self._switch_to(key)
             return
-        planned, splits = self._plan(args, kwargs, gradients_held=key[1])
-        self._install(key, planned, splits, args, kwargs)
+        planned = self._plan(key, args, kwargs)
+        self._install(key, planned, args, kwargs)
         if self.refine_steps and self.policy == "auto" and planned.profile is not None:
-            self._refinements[key] = Refinement(self.model, planned, self.device,
-                                                self.refine_steps)
+            self._current.refinement = Refinement(self.model, planned, self.device,
+                                                  self.refine_steps)
+
+    def _start_trace(self) -> None:
+        """Trace this step if it is the first under the plan in force (see
+        :mod:`vmem.preprocessing.trace`)."""
+        if self._current.traced:
+            return
+        self._current.traced = True
+        trace = StepTrace(self.meter.current, self.plan.predicted_peak)
+        self._trace, self.executor.trace = (self._planned_for, trace), trace
+        self.meter.start_window()
+        self.traces.append({"step": self.steps, "plan": self._current.why})
+
+    def _finish_trace(self) -> None:
+        """The traced step is over (the next one starts, or the session ends)."""
+        if self._trace is None:
+            return
+        key, trace = self._trace
+        signature = self._signatures[key]
+        trace.finish(self.meter.window_peak, signature.installed.executor.forwards,
+                     self.meter.current)
+        signature.installed.executor.trace = None
+        signature.pending, self._trace = trace, None
+        self.traces[-1].update(trace.to_dict())
+        log.info("vmem: step %d: predicted peak %s, measured %s", self.traces[-1]["step"],
+                 format_bytes(trace.predicted_peak), format_bytes(trace.peak))
 
     def _fit_to_bytes_in_use(self, args: tuple, kwargs: dict) -> None:
         """Re-plan when a step starts with more device bytes in use than the plan assumed
-        (the optimizer's state after its first step, a tensor the loop now holds)."""
+        (the optimizer's state after its first step, a tensor the loop now holds), runs
+        more forwards, or held more than its plan predicted when it was traced."""
+        signature = self._current
+        trace, signature.pending = signature.pending, None
         current = self.meter.current
-        grown = current - max(self.plan.start_bytes, self._tolerated.get(self._planned_for, 0))
+        grown = current - max(self.plan.start_bytes, signature.tolerated)
         forwards = max(self.plan.forwards, self.executor.forwards)  # of the step just over
-        if self.plan.budget is None or (grown <= max(self.plan.budget // 100, 2**16)
-                                        and forwards == self.plan.forwards):
+        correct = trace is not None and signature.corrections < CORRECTIONS
+        # A step whose saves the plan did not know tells nothing of the plan's forecast.
+        excess = trace.excess if correct and not trace.unplanned else 0
+        if self.plan.budget is None:
             return
-        log.info("vmem: planning again: %s more in use on the device than planned for, %d "
-                 "forward(s) per step", format_bytes(max(grown, 0)), forwards)
+        slack = max(self.plan.budget // 100, 2**16)
+        reasons = [f"{format_bytes(grown)} more in use as the step starts"] if grown > slack \
+            else []
+        if forwards != self.plan.forwards:
+            reasons.append(f"{forwards} forward(s) per step")
+        if excess > slack:
+            reasons.append(f"the traced step held {format_bytes(excess)} beyond the plan")
+            signature.excess += excess
+        if correct and trace.unplanned:  # the profile saw another step (autocast, a hook)
+            reasons.append(f"{trace.unplanned} of the traced step's {len(trace.saves)} "
+                           "saves unknown to the plan")
+        if correct and (excess > slack or trace.unplanned):
+            signature.corrections += 1
+        if not reasons:
+            return
+        why = "planned again: " + ", ".join(reasons)
+        log.info("vmem: %s", why)
         try:
-            planned, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
-                                         forwards=forwards)
+            planned = self._plan(self._planned_for, args, kwargs, forwards=forwards)
         except BudgetTooSmall as error:  # training has begun: the safety net carries on
-            self._tolerated[self._planned_for] = current
+            signature.tolerated = current
             log.warning("vmem: no plan fits what is in use on the device now (%s); training "
                         "goes on under the plan in force and its safety net", error)
             return
-        self._install(self._planned_for, planned, splits, args, kwargs)
+        self._install(self._planned_for, planned, args, kwargs, why)
 
     def _refine_or_time(self, args: tuple, kwargs: dict) -> None:
         """Time this step for its signature's refinement, or re-plan once it has enough."""
-        refinement = self._refinements.get(self._planned_for)
+        refinement = self._current.refinement
         if refinement is None or refinement.outcome is not None:
             return
         if not refinement.ready:
@@ -291,70 +368,60 @@ class Session:
             return
         retime = refinement.retime()
         try:
-            best, splits = self._plan(args, kwargs, gradients_held=self._planned_for[1],
-                                      retime=retime, forwards=self.plan.forwards)
+            best = self._plan(self._planned_for, args, kwargs, retime=retime,
+                              forwards=self.plan.forwards)
         except Exception as error:  # noqa: BLE001 -- training goes on under the plan in force
             refinement.give_up(error)
             log.warning("vmem: %s", refinement.summary())
             return
         if refinement.decide(best, self.spec, retime):
-            self._install(self._planned_for, best, splits, args, kwargs)
+            self._install(self._planned_for, best, args, kwargs, "refined on measured times")
         else:
-            self._use_splits(self._splits[self._planned_for])  # _plan took them out
-            self._profiles[self._planned_for] = refinement.timed_profile
+            self._current.profile = refinement.timed_profile
         log.info("vmem: %s", refinement.summary())
 
     def _stop_timing(self) -> None:
         if self._timing is not None:
             self._timing.timer.stop()
             self._timing = None
-        for executor in self._executors.values():  # sampling only while timing
-            executor.density_samples = None
+        for signature in self._signatures.values():  # sampling only while timing
+            signature.installed.executor.density_samples = None
 
-    def _plan(self, args, kwargs, gradients_held: bool, retime=None,
-              forwards: int = 1) -> tuple[Planned, Splits | None]:
-        """:meth:`_make_plan` with the meter paused and the model's hooks quiet; on failure
-        the current plan stays in force, with its splits."""
+    def _plan(self, key: tuple, args, kwargs, retime=None, forwards: int = 1) -> Planned:
+        """The plan for inputs of signature ``key``, made with the meter paused, the model's
+        hooks quiet and the model as the user wrote it (the plan in force's runs taken out
+        meanwhile). The model's own forward has started (we run in its pre-hook), so only
+        runs in its submodules can be split."""
         paused = self.meter.paused() if isinstance(self.meter, EmulatedMeter) else \
             contextlib.nullcontext()
+        current = self._current
+        if current is not None:
+            current.installed.deactivate()
         self._planning = True
         try:
             with paused:
-                return self._make_plan(args, kwargs, gradients_held, retime, forwards)
-        except BaseException:
-            self._use_splits(self._splits.get(self._planned_for))
-            raise
-        finally:
-            self._planning = False
-
-    def _make_plan(self, args, kwargs, gradients_held, retime=None,
-                   forwards: int = 1) -> tuple[Planned, Splits | None]:
-        """The plan, and the split runs it needs (None when offloading suffices)."""
-        self._use_splits(None)  # another signature's splits; _switch_to puts the right ones
-        # The model's own forward has started (we run in its pre-hook), so only runs in its
-        # submodules can be split.
-        signature = _signature(self.model, args, kwargs)
-        if signature in self._unprofiled:
-            return self._unprofiled_plan(forwards), None
-        try:
-            planned = self._plan_model(args, kwargs, gradients_held, retime, forwards)
+                known = self._signatures.get(key)
+                if known is not None and known.profile is None:
+                    return self._unprofiled_plan(forwards)
+                return self._plan_model(args, kwargs, key[1], retime, forwards,
+                                        0 if known is None else known.excess)
         except CannotProfile as error:  # e.g. data-dependent control flow
             log.warning("vmem: %s cannot run shape-only (%s); every tracked save is offloaded "
                         "instead, within the budget", type(self.model).__name__,
                         str(error).splitlines()[0])
-            self._unprofiled.add(signature)
-            return self._unprofiled_plan(forwards), None
-        if not planned.choices:
-            return planned, None
-        stash = HostStash(self.backend, self.host_pool, self.device)
-        return planned, Splits(self.model, planned.choices, planned.plan.approximate, stash)
+            return self._unprofiled_plan(forwards)
+        finally:
+            self._planning = False
+            if current is not None:
+                current.installed.activate()
 
     def _unprofiled_plan(self, forwards: int) -> Planned:
         plan = offload_everything(self.budget, headroom_for(self.device.type),
                                   self.meter.current)
-        return Planned(dataclasses.replace(plan, forwards=forwards), {}, None)
+        return Planned(dataclasses.replace(plan, forwards=forwards), None)
 
-    def _plan_model(self, args, kwargs, gradients_held, retime, forwards) -> Planned:
+    def _plan_model(self, args, kwargs, gradients_held, retime, forwards,
+                    excess: int) -> Planned:
         return plan_model(
             self.model, args, kwargs, budget=self.budget, policy=self.policy,
             headroom=headroom_for(self.device.type),
@@ -362,7 +429,8 @@ class Session:
             gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
             max_parts=self.config.split or MAX_PARTS, top_level_runs=False, spec=self.spec,
             retime=retime, compress=self.backend.compresses,
-            outside_bytes=self._outside_bytes(args, kwargs, gradients_held), forwards=forwards)
+            outside_bytes=self._outside_bytes(args, kwargs, gradients_held) + excess,
+            forwards=forwards)
 
     def _outside_bytes(self, args, kwargs, gradients_held: bool) -> int:
         """Device bytes in use that the profile and the optimizer's profile do not count:
@@ -382,35 +450,31 @@ class Session:
         profiled = sum(counted.values()) + sum(t.numel() * t.element_size() for t in inputs)
         return max(0, self.meter.current - profiled)
 
-    def _install(self, key, planned: Planned, splits: Splits | None, args, kwargs) -> None:
+    def _install(self, key, planned: Planned, args, kwargs, why: str = "first plan") -> None:
         """Put ``planned.plan`` in force for inputs of signature ``key`` (new, or replacing
-        its plan: copies in flight belong to the old executor's graphs)."""
+        its plan: copies in flight belong to the old executor's graphs, which keep it)."""
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        plan = planned.plan
-        self._executors[key] = OffloadExecutor(plan, self.device, self.backend, self.host_pool,
-                                               self.staging, _resident_keys(self.model, inputs),
-                                               self.scope, self._counters, self.meter)
-        self._splits[key], self._profiles[key] = splits, planned.profile
+        installed = install(self.model, planned.plan, self.pools, self.backend,
+                            scope=self.scope, device=self.device,
+                            counters=self._counters, meter=self.meter)
+        if self._current is not None:
+            self._current.installed.deactivate()
+        old = self._signatures.get(key)  # re-planned: its refinement and tolerance carry on
+        self._signatures[key] = _Signature(installed, planned.profile, why=why) \
+            if old is None else dataclasses.replace(old, installed=installed,
+                                                    profile=planned.profile, why=why,
+                                                    traced=False)
         self._switch_to(key)
         log.info("vmem: planned for inputs %s:\n%s", [list(t.shape) for t in inputs],
-                 plan.table())
-
-    def _use_splits(self, splits: Splits | None) -> None:
-        if splits is self._active_splits:
-            return
-        if self._active_splits is not None:
-            self._active_splits.__exit__(None, None, None)
-        self._active_splits = None
-        if splits is not None:
-            splits.__enter__()
-            self._active_splits = splits
+                 planned.plan.table())
 
     def _switch_to(self, key) -> None:
-        # No synchronisation: copies in flight belong to their graphs and are stream-ordered.
-        self._use_splits(self._splits[key])
-        self.executor, self._planned_for = self._executors[key], key
-        self.plan = self.executor.plan
-        self.staging.stats.capacity = self.plan.staging_bytes  # the plan sized it
+        """Put signature ``key``'s installed plan in force instead of the current one.
+        (No synchronisation: copies in flight belong to their graphs, stream-ordered.)"""
+        if self._current is not None and self._planned_for != key:
+            self._current.installed.deactivate()
+        self._planned_for = key
+        self._current.installed.activate()
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
         if not isinstance(self.meter, EmulatedMeter):
@@ -434,9 +498,9 @@ class Session:
             ...     s.simulation().iteration_s > 0
             True
         """
-        if self.plan is None or self._profiles[self._planned_for] is None:
+        if self.plan is None or self._current.profile is None:
             return None
-        return simulate(self._profiles[self._planned_for], self.plan, self.spec)
+        return simulate(self._current.profile, self.plan, self.spec)
 
     @property
     def peak(self) -> int | None:
@@ -451,8 +515,8 @@ class Session:
         if self.plan is not None:
             data["plan"] = json.loads(self.plan.to_json())
             data["predicted_peak"] = self.plan.predicted_peak
-            data["host_pool"] = dataclasses.asdict(self.host_pool.stats)
-            data["staging"] = dataclasses.asdict(self.staging.stats)
+            data["host_pool"] = dataclasses.asdict(self.pools.host.stats)
+            data["staging"] = dataclasses.asdict(self.pools.staging.stats)
             data["offloaded_bytes"] = self.executor.offloaded_bytes
             data["prefetched_bytes"] = self.executor.prefetched_bytes
             data["reused_bytes"] = self.executor.reused_bytes
@@ -460,10 +524,11 @@ class Session:
             data["safety_net"] = {k: getattr(self._counters, k) for k in (
                 "forced_offloads", "forced_bytes", "evicted_saves", "evicted_bytes",
                 "unplanned_saves", "held_prefetches")}
+            data["traced_steps"] = self.traces
             data["backend"] = self.backend.name
             arena = getattr(self.backend, "arena", None)  # the native backend's
             data["native_arena"] = None if arena is None else arena.stats()
-            refinement = self._refinements.get(self._planned_for)
+            refinement = self._current.refinement
             data["refinement"] = None if refinement is None else refinement.to_dict()
         return data
 
@@ -473,7 +538,7 @@ class Session:
             return "vmem session: no budget and no policy, nothing changed"
         if self.plan is None:
             return "vmem session: no forward pass ran, nothing planned"
-        host, staging = self.host_pool.stats, self.staging.stats
+        host, staging = self.pools.host.stats, self.pools.staging.stats
         measured = self.peak or 0
         error = (self.plan.predicted_peak - measured) / measured * 100 if measured else 0.0
         return "\n".join([
@@ -497,16 +562,30 @@ class Session:
             f"({format_bytes(self._counters.evicted_bytes)}), "
             f"{self._counters.unplanned_saves} save(s) the plan did not know, "
             f"{self._counters.held_prefetches} prefetch(es) left to backward's demand",
+            *map(_traced_line, self.traces),
             self._refinement_summary(),
         ])
 
     def _refinement_summary(self) -> str:
-        refinement = self._refinements.get(self._planned_for)
+        refinement = self._current.refinement
         if refinement is not None:
             return refinement.summary()
         if self.policy != "auto":
             return f"refinement: off (only auto chooses by time; policy {self.policy})"
         return "refinement: off (refine_steps=0)"
+
+
+def _traced_line(traced: dict) -> str:
+    """One traced step of :attr:`Session.traces`, for people."""
+    if traced.get("measured_peak") is None:
+        return f"step {traced['step']} ({traced['plan']}): traced, not over"
+    line = (f"step {traced['step']} ({traced['plan']}): predicted peak "
+            f"{format_bytes(traced['predicted_peak'])}, measured "
+            f"{format_bytes(traced['measured_peak'])}; {traced['unplanned_saves']} of "
+            f"{traced['saves']} tracked save(s) unknown to the plan")
+    if traced["excess_bytes"]:
+        line += f"; {format_bytes(traced['excess_bytes'])} beyond the plan"
+    return line
 
 
 def _signature(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -520,12 +599,6 @@ def _device_of(model: nn.Module) -> torch.device:
     for t in [*model.parameters(), *model.buffers()]:
         return t.device
     return torch.device("cpu")
-
-
-def _resident_keys(model: nn.Module, inputs: list[torch.Tensor]) -> set[int]:
-    """Storages that never leave the device: parameters, buffers, the forward's inputs."""
-    return {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(),
-                                                  *inputs]}
 
 
 def _held_tensors(model: nn.Module, optimizer) -> Iterable[torch.Tensor]:

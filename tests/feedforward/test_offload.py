@@ -11,8 +11,8 @@ from vmem.preprocessing.keys import ModuleScope
 from vmem.transfer import make_backend
 
 
-def _executor(model, shape, policy="vdnn_all"):
-    plan = make_plan(profile_network(model, shape), budget=None, policy=policy)
+def _executor(model, shape, policy="vdnn_all", plan=None):
+    plan = plan or make_plan(profile_network(model, shape), budget=None, policy=policy)
     backend = make_backend("torch", torch.device("cpu"))
     keys = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     return OffloadExecutor(plan, torch.device("cpu"), backend, HostPool(backend.host_buffer),
@@ -118,11 +118,10 @@ def test_a_plan_read_back_from_json_runs_as_the_original():
     plain = build("resnet")
     plain(x).sum().backward()
     model = build("resnet")
-    executor = _executor(model, SHAPE)
-    plan = executor.plan
+    plan = _executor(model, SHAPE).plan
     again = type(plan).from_json(plan.to_json())
     assert again == plan and all(d.key is not None for d in again.saves)
-    executor.use(again)
+    executor = _executor(model, SHAPE, plan=again)
     _step(model, executor, x)
     assert executor.counters.unplanned_saves == 0
     assert executor.offloaded_bytes == again.offloaded_bytes > 0

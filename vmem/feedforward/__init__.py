@@ -1,5 +1,7 @@
 """Feed-forward (mmCNN's third module): carries out a plan while the model trains.
 
+- :mod:`.install` puts a plan in force on a model (``install(model, plan, pools,
+  backend) -> Installed``) and takes it away: the entry point the session uses;
 - :mod:`.offload` packs and unpacks saved tensors by the plan, over the transfer backend;
 - :mod:`.pools` holds the pinned host pool and the staging pool (the resident pool is
   PyTorch's caching allocator, accounted by the plan);
@@ -9,7 +11,9 @@
 - :mod:`.stream` keeps split runs' inputs in the host pool, fetched back part by part.
 """
 
+from .install import Installed, Pools, install
 from .offload import OffloadExecutor, TransferCounters
 from .pools import HostPool, StagingPool
 
-__all__ = ["HostPool", "OffloadExecutor", "StagingPool", "TransferCounters"]
+__all__ = ["HostPool", "Installed", "OffloadExecutor", "Pools", "StagingPool",
+           "TransferCounters", "install"]

@@ -35,6 +35,7 @@ import torch
 from ..control.plan import OFFLOAD, Plan
 from ..meter import DeviceMeter
 from ..preprocessing.keys import ModuleScope
+from ..preprocessing.trace import StepTrace, TracedSave
 from ..transfer import TransferBackend
 from ..transfer.compression import compressed_nbytes, count_nonzero
 from .pools import HostPool, StagingPool
@@ -171,15 +172,12 @@ class OffloadExecutor:
         self._in_backward = False  # a backward is running whose end is awaited
         self._forwards = 0  # forwards so far (a forward's number tells its step's apart)
         self._last_pack = None  # a weak reference to the latest forward's latest tracked save
-        self.use(plan)
-        self._new_step()
-
-    def use(self, plan: Plan) -> None:
-        """Follow ``plan`` from now on (same signature); call it between steps."""
+        self.trace: StepTrace | None = None  # the step being traced: its saves are recorded
         self.plan = plan
         self.decisions = {d.key: d for d in plan.saves if d.key is not None}
         self.segments = max((d.segment for d in plan.saves), default=0) + 1
         self.host_pool.reserve(plan.host_bytes, slices=plan.offloaded + len(plan.splits))
+        self._new_step()
 
     def _new_step(self) -> None:
         self.alive: dict[int, _Entry] = {}  # storage -> its entry, while the storage lives
@@ -289,14 +287,21 @@ class OffloadExecutor:
         segment = self._segment
         if self.density_samples is not None and decision is not None:
             self._sample_density(t, storage, decision.layer)
+        forced = False
+        if self.trace is not None and decision is not None and self.meter is not None:
+            self.trace.reach(self.meter.current + self._rise)
         if self._crosses_target(self._rise):
             if not offload:
-                offload = True
+                offload = forced = True
                 self.counters.forced_offloads += 1
                 self.counters.forced_bytes += nbytes
             self._evict_kept()
         stored = None if not offload or t.is_complex() else \
             self._offload(t, storage, segment, compress)
+        if self.trace is not None:
+            self.trace.record(TracedSave(key, nbytes, str(t.dtype).removeprefix("torch."),
+                                         "keep" if stored is None else "offload",
+                                         decision is not None, forced and stored is not None))
         entry = _Entry(segment, self.forward, stored, t)
         if stored is None:
             self._evictable.append(entry)

@@ -37,7 +37,7 @@ from torch import nn
 from .recompute import cheap_forward, recompute_forward
 from .split import BATCH, check_splittable, split_forward
 
-__all__ = ["Run", "SplitRun", "Splits", "find_runs"]
+__all__ = ["Run", "SplitRun", "Splits", "choices_of", "find_runs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,21 @@ def find_runs(model: nn.Module) -> list[Run]:
                 runs.append(Run(name, start, index))
             start = None
     return runs
+
+
+def choices_of(model: nn.Module, splits) -> dict[Run, tuple[int, int]]:
+    """``{run: (parts, axis)}`` of a plan's split decisions (``Plan.splits``), each run found
+    among ``model``'s by its name; a name that is not a run of ``model`` raises ValueError."""
+    runs = {run.name: run for run in find_runs(model)}
+    choices = {}
+    for split in splits:
+        if split.run not in runs:
+            raise ValueError(
+                f"the plan splits or recomputes {split.run!r}, which is not a run of layers of "
+                f"this {type(model).__name__} (its runs: {', '.join(runs) or 'none'}); "
+                "install a plan made for this model")
+        choices[runs[split.run]] = (split.parts, split.axis)
+    return choices
 
 
 class SplitRun(nn.Module):
