@@ -99,7 +99,8 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         with Splits(model, choices, approximate, ShapeStash()):
             try:
                 profile = profile_network(model, inputs=args, kwargs=kwargs, dtype=dtype,
-                                          name=type(model).__name__, forwards=forwards)
+                                          name=type(model).__name__, forwards=forwards,
+                                          gradients_held=gradients_held)
             except Exception as error:  # noqa: BLE001 -- the model's own code failed
                 raise CannotProfile(f"{type(error).__name__}: {error}") from error
         return profile if retime is None else retime(profile)
@@ -153,6 +154,8 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 candidates[name] = attempt()
             except BudgetTooSmall:
                 pass
+            except CannotProfile as error:  # the model as is ran: only this candidate fails
+                log.info("vmem: auto leaves out the %s plan: %s", name, error)
         if candidates:  # the fastest; on a tie (to rounding) the first, the least changed
             best = min(c.plan.predicted_seconds for c in candidates.values())
             name = next(n for n, c in candidates.items()

@@ -16,11 +16,13 @@ import dataclasses
 import json
 import logging
 import os
+import weakref
 from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .config import Config, parse_size
 from .control import Plan
@@ -138,6 +140,7 @@ class Session:
         self._counters = TransferCounters()
         self._handles: list = []
         self._forwarding: Installed | None = None  # whose forward is running
+        self._last_call = None  # the latest forward's arguments, tensors by weak reference
         self._planning = False
         self._timing: Refinement | None = None  # whose timer is timing the step running
         self._trace: tuple[tuple, StepTrace] | None = None  # the step being traced, and
@@ -184,6 +187,7 @@ class Session:
             self._handles = [
                 self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                 self.model.register_forward_hook(self._after_forward, always_call=True),
+                register_optimizer_step_pre_hook(self._before_optimizer_step),
             ]
             if self.sample is not None:
                 self._prepare((self.sample,), {})
@@ -204,7 +208,7 @@ class Session:
         """Drop what an earlier ``with`` of this session planned: its executors hold that
         block's meter and pools. (Counters and steps add up over the blocks.)"""
         self._signatures.clear()
-        self._planned_for = self.measured_peak = self._trace = None
+        self._planned_for = self.measured_peak = self._trace = self._last_call = None
         self.traces = []
 
     def _start_meter(self) -> None:
@@ -266,6 +270,38 @@ class Session:
         self._refine_or_time(args, kwargs)
         self._forwarding = self._current.installed
         self._forwarding.start_forward(inputs)
+        leaves, spec = tree_flatten((args, kwargs))
+        self._last_call = spec, [weakref.ref(t) if isinstance(t, torch.Tensor) else t
+                                 for t in leaves]
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        """An optimizer of this model steps, and the session was not given one: plan with it
+        from now on. Before its first step (no state yet) check that the plans to come, with
+        its state on the device, still fit: if not, refuse before any parameter changes."""
+        if self.optimizer is not None or self._planning or self.plan is None:
+            return
+        ours = {id(p) for p in self.model.parameters()}
+        if not any(id(p) in ours for group in optimizer.param_groups
+                   for p in group["params"]):
+            return  # another model's
+        self.optimizer = optimizer
+        log.info("vmem: %s steps this model: its state and step count in the plans from now "
+                 "on (pass optimizer= to plan with it from the first step)",
+                 type(optimizer).__name__)
+        call = self._last_forward_call()
+        if any(optimizer.state.values()) or call is None or self.plan.budget is None:
+            return
+        self._plan(self._planned_for, *call, forwards=self.plan.forwards)  # may refuse
+
+    def _last_forward_call(self) -> tuple[tuple, dict] | None:
+        """The latest forward's ``(args, kwargs)``, if the loop still holds its tensors."""
+        if self._last_call is None:
+            return None
+        spec, leaves = self._last_call
+        leaves = [leaf() if isinstance(leaf, weakref.ref) else leaf for leaf in leaves]
+        if any(leaf is None for leaf in leaves):
+            return None
+        return tree_unflatten(leaves, spec)
 
     def _after_forward(self, module: nn.Module, args, output) -> None:
         self._end_forward()
@@ -429,18 +465,17 @@ class Session:
             gradients_held=gradients_held, prefetch_distance=self.config.prefetch_depth,
             max_parts=self.config.split or MAX_PARTS, top_level_runs=False, spec=self.spec,
             retime=retime, compress=self.backend.compresses,
-            outside_bytes=self._outside_bytes(args, kwargs, gradients_held) + excess,
+            outside_bytes=self._outside_bytes(args, kwargs) + excess,
             forwards=forwards)
 
-    def _outside_bytes(self, args, kwargs, gradients_held: bool) -> int:
+    def _outside_bytes(self, args, kwargs) -> int:
         """Device bytes in use that the profile and the optimizer's profile do not count:
         whatever the loop holds besides the model, its gradients, the optimizer's state and
         this forward's inputs (a dataset on the device that the inputs are sliced from,
         another model, the optimizer's state when the session was not given the optimizer).
         """
         counted: dict[int, int] = {}
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None] \
-            if gradients_held else []
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         for t in [*self.model.parameters(), *self.model.buffers(), *grads,
                   *_optimizer_state(self.optimizer)]:
             if t.device == self.device:

@@ -74,3 +74,21 @@ def test_cheap_recompute_is_bit_identical_and_keeps_one_map_per_stretch(bias):
     # Per BatchNorm-ReLU-conv stretch plain keeps the BatchNorm's input and the ReLU's
     # output; cheap keeps the first only.
     assert kept(cheap=True) == kept(cheap=False) - 2
+
+
+@pytest.mark.parametrize("forward", [recompute_forward, cheap_forward])
+def test_under_bf16_autocast_it_is_bit_identical_to_plain(forward):
+    """The recomputation runs under forward's autocast state (a bf16 input with fp32
+    weights and biases meets the convolution again in backward)."""
+    plain, twin = _run(0.0, True), _run(0.0, True)
+    x = torch.randn(4, 3, 20, 20).bfloat16()
+    results = []
+    for layers, ours in ((plain, False), (twin, True)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(list(layers), xi) if ours else layers(xi)
+        out.float().sum().backward()
+        results.append([out, xi.grad, *(p.grad for p in layers.parameters()),
+                        *layers.buffers()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -81,8 +81,9 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     """Plan one training step of ``profile`` within ``budget`` bytes.
 
     ``gradients_held``: the parameters' gradients are on the device when forward starts
-    (gradient accumulation, ``zero_grad(set_to_none=False)``); the profile assumes they are
-    created in backward, so they are added throughout. ``outside_bytes``: device bytes in
+    (gradient accumulation, ``zero_grad(set_to_none=False)``); unless the profile's step
+    held them too (``NetworkProfile.gradients_held``), they are added throughout, on top of
+    those its backward creates. ``outside_bytes``: device bytes in
     use when forward starts that the profile does not see (a dataset on the device the loop
     slices, another model, what a session before this one left), added throughout and to
     the optimizer step. ``spec``: the hardware to simulate
@@ -123,7 +124,8 @@ def _make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     """:func:`make_plan` with compression where it pays (``compress``) or nowhere."""
     layer_segment = segment_of_layers(profile.layers)
     state = optimizer.state_bytes if optimizer else 0
-    held = state + (profile.param_bytes if gradients_held else 0) + outside_bytes
+    grads = profile.param_bytes if gradients_held and not profile.gradients_held else 0
+    held = state + grads + outside_bytes
     model = MemoryModel(profile, layer_segment, min_bytes, extra_bytes=held)
     step_peak = 0
     if optimizer:  # the step also sees the buffers and the input batch

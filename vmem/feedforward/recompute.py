@@ -5,16 +5,18 @@ in the host pool through a stash, :mod:`.stream`); backward runs them again, wit
 from that input and the random-number state forward started from, then backpropagates. The
 operations are the layers' own on the same inputs, so the output and every gradient equal
 plain PyTorch's bit for bit, dropout masks included (the recomputation replays the same
-random numbers and leaves the generators as it found them). BatchNorm updates its running
-statistics once, in forward; the recomputation normalises with the batch's statistics as
-forward did, without updating them.
+random numbers and leaves the generators as it found them) under the autocast state forward
+ran in. BatchNorm updates its running statistics once, in forward; the recomputation
+normalises with the batch's statistics as forward did, without updating them.
 
 :func:`cheap_forward` recomputes only the cheap layers (the memory-efficient DenseNet idea):
 in each BatchNorm → pointwise layers → convolution stretch of a run, the activation the
 convolution reads (and its pointwise layers keep) is not kept; backward renormalises it from
 the BatchNorm's input, which is kept anyway, and runs the convolution's own backward on it
 (``aten.convolution_backward``, what autograd calls), so no convolution runs twice and the
-results are again bit-identical.
+results are again bit-identical. Under autocast the convolution's backward would need the
+casts autograd records around it, so there the layers simply run as they are (nothing is
+recomputed, and a profile shows no saving).
 
 Example::
 
@@ -29,6 +31,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +51,15 @@ def _rng_state(device: torch.device):
     if device.type in _DEVICE_RNG:
         return cpu, torch.cuda.get_rng_state(device)
     return cpu, None
+
+
+def _autocast_state(device: torch.device) -> dict | None:
+    """The autocast arguments forward ran under on ``device``'s type, or None (off)."""
+    kind = device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return None
+    return {"device_type": kind, "dtype": torch.get_autocast_dtype(kind),
+            "cache_enabled": torch.is_autocast_cache_enabled()}
 
 
 def _batch_norm(layer: nn.BatchNorm2d, tensors: dict, x: torch.Tensor,
@@ -86,7 +99,7 @@ class RecomputeChain(torch.autograd.Function):
     def forward(ctx, x, layers, stash, *params):
         layers = list(layers)
         tensors = _tensors_of(layers)
-        ctx.rng = _rng_state(x.device)
+        ctx.rng, ctx.autocast = _rng_state(x.device), _autocast_state(x.device)
         out = _run(layers, tensors, x, update=True)
         if stash is None:
             ctx.save_for_backward(x)
@@ -102,7 +115,9 @@ class RecomputeChain(torch.autograd.Function):
         x = source.rows(0, 0, ctx.shape[0]).detach().requires_grad_(True)
         cpu, device_state = ctx.rng
         devices = [x.device] if device_state is not None else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        autocast = contextlib.nullcontext() if ctx.autocast is None else \
+            torch.autocast(**ctx.autocast)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), autocast:
             torch.set_rng_state(cpu)
             if device_state is not None:
                 torch.cuda.set_rng_state(device_state, x.device)
@@ -179,7 +194,7 @@ def cheap_forward(layers, x: torch.Tensor) -> torch.Tensor:
     """``layers`` applied in order, each BatchNorm → pointwise → Conv2d stretch through
     :class:`CheapRecompute`, the rest as they are (see the module docstring)."""
     layers, index = list(layers), 0
-    stretches = cheap_stretches(layers)
+    stretches = {} if _autocast_state(x.device) else cheap_stretches(layers)
     while index < len(layers):
         if index in stretches:
             group, conv = layers[index:stretches[index]], layers[stretches[index]]

@@ -141,6 +141,8 @@ class NetworkProfile:
     timeline: MemoryTimeline  # shape-only (meta) memory of that step, for the planner
     foreign: list[str] = dataclasses.field(default_factory=list)  # modules whose forward ran
     # under saved-tensor hooks not the profile's (inside the model's own checkpoint)
+    gradients_held: bool = False  # its step started with the gradients on the device (and
+    # its memory counts them throughout)
 
     def __post_init__(self) -> None:
         if isinstance(self.timeline, dict):
@@ -529,9 +531,10 @@ class _Releaser(TorchDispatchMode):
 
 
 def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, recorder,
-          meter: DeviceMeter | None = None, forwards: int = 1) -> None:
+          meter: DeviceMeter | None = None, forwards: int = 1,
+          gradients_held: bool = False) -> None:
     """One plain training step (``forwards`` forwards, backward of the outputs' sum) under
-    ``recorder``.
+    ``recorder``; with ``gradients_held``, into gradients that exist before it starts.
 
     The outputs stay alive through backward, as a training loop's ``out`` does."""
     args, kwargs = inputs
@@ -545,6 +548,10 @@ def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, rec
                 _reparametrize_module(model, tensors, tie_weights=True):
             if calls:
                 calls.new_step()
+            if gradients_held:  # backward accumulates into them, as in an accumulation loop
+                for t in tensors.values():
+                    if t.requires_grad:
+                        t.grad = torch.zeros_like(t)
             out = []
             for _ in range(forwards):
                 # Hooks around forward only, as the session's: unpack stays with each save,
@@ -556,6 +563,9 @@ def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, rec
                 if calls:
                     calls.close_model()
             recorder.end_forward()
+            # The loop leaves autocast before backward, and its casts cache goes with it
+            # (the casts its saves hold stay alive through them).
+            torch.clear_autocast_cache()
             grads = [t for t in tree_flatten(out)[0]
                      if isinstance(t, torch.Tensor) and t.requires_grad]
             recorder.start_backward()
@@ -579,7 +589,7 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
                     inputs: tuple = (), kwargs: dict | None = None,
                     device: torch.device | str = "meta", dtype: torch.dtype | None = None,
                     iterations: int = 3, name: str | None = None,
-                    forwards: int = 1) -> NetworkProfile:
+                    forwards: int = 1, gradients_held: bool = False) -> NetworkProfile:
     """Profile one plain training step of ``model``.
 
     Args:
@@ -598,6 +608,9 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
         name: what the profile calls the model (the class name by default).
         forwards: forwards of the same inputs before the one backward (a loop that sums
             the losses of two views of a batch runs two).
+        gradients_held: the parameters' gradients exist as the step starts (gradient
+            accumulation, ``zero_grad(set_to_none=False)``): the shape-only step
+            accumulates into them, and its memory counts them throughout.
 
     Example::
 
@@ -627,12 +640,12 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
     shape_device = _shape_device(model, tensors_in)
     with _shape_only(shape_device):
         recorder, _ = _run(model, params, buffers, example, shape_device, dtype, timed=False,
-                           shape_only=True, forwards=forwards)
+                           shape_only=True, forwards=forwards, gradients_held=gradients_held)
         tensors = _device_copies(params, buffers, shape_device, dtype, shape_only=True)
         stand_ins = _stand_ins(example, shape_device, shape_only=True)
         _step(model, tensors, stand_ins, _Releaser(_keys(list(tensors.values()), stand_ins),
                                                    recorder.save_order, shape_device),
-              forwards=forwards)
+              forwards=forwards, gradients_held=gradients_held)
     layers, peak = recorder.layers, max(recorder.memory, default=0)
     if device.type != "meta":
         steps = [_run(model, params, buffers, example, device, dtype, timed=True)
@@ -655,6 +668,7 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
         peak_bytes=peak,
         timeline=recorder.timeline(),
         foreign=sorted(recorder.foreign),
+        gradients_held=gradients_held,
     )
 
 
@@ -693,7 +707,8 @@ def _keys(*groups) -> set[int]:
 
 
 def _run(model: nn.Module, params: dict, buffers: dict, example: tuple, device: torch.device,
-         dtype: torch.dtype, timed: bool, shape_only: bool = False, forwards: int = 1):
+         dtype: torch.dtype, timed: bool, shape_only: bool = False, forwards: int = 1,
+         gradients_held: bool = False):
     """One recorded step on ``device`` (shape-only: under :func:`_shape_only`); returns the
     recorder and, if timed, the times."""
     tensors = _device_copies(params, buffers, device, dtype, shape_only)
@@ -704,7 +719,7 @@ def _run(model: nn.Module, params: dict, buffers: dict, example: tuple, device: 
         meter.track([*tensors.values(), *(t for t in tree_flatten(stand_ins)[0]
                                           if isinstance(t, torch.Tensor))])
     recorder = _Recorder(meter, _Clock(device) if timed else None, resident)
-    _step(model, tensors, stand_ins, recorder, meter, forwards)
+    _step(model, tensors, stand_ins, recorder, meter, forwards, gradients_held)
     return recorder, recorder.times() if timed else None
 
 
