@@ -80,7 +80,8 @@ def run(spec: dict) -> dict:
         peak = method.session.peak
     else:
         peak = meter.peak
-    reserved = torch.cuda.max_memory_reserved() if cuda else peak
+    reserved = meter.reserved_peak if cuda else peak  # the session's traced steps reset
+    # torch's peak statistics; the meter keeps the maxima from before
     median = statistics.median(times) if times else None
     record.update(peak_allocated=peak, peak_reserved=reserved,
                   iter_ms=None if median is None else median * 1e3,
@@ -100,11 +101,12 @@ def run(spec: dict) -> dict:
 def _cap(device: torch.device, budget: int | None, model: nn.Module, method: Method):
     """The same cap for every method: the memory fraction on CUDA, the meter elsewhere."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        meter = DeviceMeter.for_device(device)
+        meter.reset_peak()
         if budget is not None and method.session is None:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(budget / total)
-        return DeviceMeter.for_device(device)
+        return meter
     if method.session is not None:  # the session meters (and caps) the emulated device
         return None
     meter = EmulatedMeter(device, limit=budget)

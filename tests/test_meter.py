@@ -102,3 +102,28 @@ def test_cuda_meter_reads_the_allocator():
     with pytest.raises(OutOfBudget):
         with DeviceMeter.for_device("cuda", limit=torch.cuda.memory_allocated() + 1024):
             torch.empty(1 << 20, device="cuda")
+
+
+def test_a_window_measures_its_own_peak_and_the_meter_keeps_the_whole():
+    with DeviceMeter.for_device("cpu") as meter:
+        a = torch.empty(3000)  # 12000 bytes, then freed: before the window
+        del a
+        b = torch.empty(1000)
+        meter.start_window()
+        assert meter.window_peak == 4000
+        c = torch.empty(500)
+        del c
+    assert (meter.window_peak, meter.peak) == (6000, 12000)
+    del b
+
+
+@pytest.mark.gpu
+def test_cuda_meters_keep_the_peak_from_before_a_window():
+    first, second = DeviceMeter.for_device("cuda"), DeviceMeter.for_device("cuda")
+    first.reset_peak()
+    base = first.current
+    x = torch.empty(1 << 20, device="cuda")
+    del x
+    first.start_window()  # torch's own peak statistic starts again here
+    assert first.window_peak < base + (1 << 22) <= second.peak
+    assert second.reserved_peak >= torch.cuda.max_memory_reserved()

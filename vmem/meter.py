@@ -88,14 +88,12 @@ class DeviceMeter(TorchDispatchMode):
 class CudaMeter(DeviceMeter):
     """Reads ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` for one device.
 
-    A window resets the allocator's peak statistic (what ``max_memory_allocated`` reads
-    afterwards starts there too); the meter's own :attr:`peak` keeps the earlier maximum.
+    A window resets the allocator's peak statistics for the whole process (what
+    ``torch.cuda.max_memory_allocated`` reads afterwards starts there too); every
+    ``CudaMeter`` of the device keeps the earlier maxima in :attr:`peak` and
+    :attr:`reserved_peak`. Two windows at once on one device (two sessions tracing their
+    steps together) cut each other short.
     """
-
-    def __init__(self, device: torch.device, limit: int | None = None,
-                 where: Callable[[], str | None] | None = None) -> None:
-        super().__init__(device, limit, where)
-        self._before_window = 0  # the peak before the latest window started
 
     def __enter__(self) -> CudaMeter:
         self.reset_peak()
@@ -113,14 +111,21 @@ class CudaMeter(DeviceMeter):
 
     @property
     def peak(self) -> int:
-        return max(self._before_window, torch.cuda.max_memory_allocated(self.device))
+        before, _ = _before_windows(self.device)
+        return max(before, torch.cuda.max_memory_allocated(self.device))
+
+    @property
+    def reserved_peak(self) -> int:
+        """The caching allocator's most reserved bytes, windows or not."""
+        _, before = _before_windows(self.device)
+        return max(before, torch.cuda.max_memory_reserved(self.device))
 
     def reset_peak(self) -> None:
-        self._before_window = 0
+        _BEFORE_WINDOWS.pop(_index(self.device), None)
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def start_window(self) -> None:
-        self._before_window = self.peak
+        _BEFORE_WINDOWS[_index(self.device)] = (self.peak, self.reserved_peak)
         torch.cuda.reset_peak_memory_stats(self.device)
 
     @property
@@ -131,6 +136,18 @@ class CudaMeter(DeviceMeter):
         out = func(*args, **(kwargs or {}))
         self._check_limit(func)
         return out
+
+
+_BEFORE_WINDOWS: dict[int, tuple[int, int]] = {}  # per CUDA device: the allocated and
+# reserved peaks before the latest window reset the allocator's statistics
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _before_windows(device: torch.device) -> tuple[int, int]:
+    return _BEFORE_WINDOWS.get(_index(device), (0, 0))
 
 
 class EmulatedMeter(DeviceMeter):

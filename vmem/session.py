@@ -53,7 +53,8 @@ __all__ = ["Session", "session"]
 
 log = logging.getLogger("vmem")
 
-CORRECTIONS = 3  # re-plans per input signature from a traced step's excess, at most
+CORRECTIONS = 3  # re-plans per input signature (shapes, dtypes, gradients held) for what a
+# traced step showed (saves the plan did not know, bytes beyond its prediction), at most
 
 
 def session(model: nn.Module, *, budget: int | float | str | None = None,
@@ -113,7 +114,8 @@ class _Signature:
     # the plan in force carries on (its safety net holds the budget)
     why: str = "first plan"  # what made the plan in force
     traced: bool = False  # whether the plan in force's first step has been traced
-    pending: StepTrace | None = None  # that trace, until the next step's start reads it
+    pending: tuple[StepTrace, dict] | None = None  # that trace and its entry in
+    # Session.traces, until the next step of this signature reads them
     excess: int = 0  # bytes traced steps held beyond their plans': planned as in use
     corrections: int = 0  # re-plans made for a traced excess
 
@@ -143,8 +145,8 @@ class Session:
         self._last_call = None  # the latest forward's arguments, tensors by weak reference
         self._planning = False
         self._timing: Refinement | None = None  # whose timer is timing the step running
-        self._trace: tuple[tuple, StepTrace] | None = None  # the step being traced, and
-        # its signature
+        self._trace: tuple[tuple, StepTrace, dict] | None = None  # the step being traced:
+        # its signature, its trace, its entry in traces
         self.traces: list[dict] = []  # every traced step: its plan, predicted and measured
         steps = self.config.refine_steps
         self.refine_steps = steps if steps is not None else \
@@ -262,12 +264,14 @@ class Session:
         self._end_forward()  # left open if the last forward was interrupted
         self._stop_timing()  # before planning: the profiler runs the model's modules
         self._prepare(args, kwargs)
-        if self.executor.step_over:  # before the layer timer starts: planning runs the model
+        new_step = self.executor.step_over
+        if new_step:  # before the layer timer starts: planning runs the model
             self._finish_trace()
             self._fit_to_bytes_in_use(args, kwargs)
             self.steps += 1
+        self._refine_or_time(args, kwargs)  # may install a plan: the trace is of the one run
+        if new_step:
             self._start_trace()
-        self._refine_or_time(args, kwargs)
         self._forwarding = self._current.installed
         self._forwarding.start_forward(inputs)
         leaves, spec = tree_flatten((args, kwargs))
@@ -334,22 +338,22 @@ class Session:
             return
         self._current.traced = True
         trace = StepTrace(self.meter.current, self.plan.predicted_peak)
-        self._trace, self.executor.trace = (self._planned_for, trace), trace
+        entry = {"step": self.steps, "plan": self._current.why}
+        self._trace, self.executor.trace = (self._planned_for, trace, entry), trace
         self.meter.start_window()
-        self.traces.append({"step": self.steps, "plan": self._current.why})
+        self.traces.append(entry)
 
     def _finish_trace(self) -> None:
         """The traced step is over (the next one starts, or the session ends)."""
         if self._trace is None:
             return
-        key, trace = self._trace
+        key, trace, entry = self._trace
         signature = self._signatures[key]
-        trace.finish(self.meter.window_peak, signature.installed.executor.forwards,
-                     self.meter.current)
+        trace.finish(self.meter.window_peak, signature.installed.executor.forwards)
         signature.installed.executor.trace = None
-        signature.pending, self._trace = trace, None
-        self.traces[-1].update(trace.to_dict())
-        log.info("vmem: step %d: predicted peak %s, measured %s", self.traces[-1]["step"],
+        signature.pending, self._trace = (trace, entry), None
+        entry.update(trace.to_dict())
+        log.info("vmem: step %d: predicted peak %s, measured %s", entry["step"],
                  format_bytes(trace.predicted_peak), format_bytes(trace.peak))
 
     def _fit_to_bytes_in_use(self, args: tuple, kwargs: dict) -> None:
@@ -357,13 +361,20 @@ class Session:
         (the optimizer's state after its first step, a tensor the loop now holds), runs
         more forwards, or held more than its plan predicted when it was traced."""
         signature = self._current
-        trace, signature.pending = signature.pending, None
+        trace, entry = signature.pending or (None, None)
+        signature.pending = None
         current = self.meter.current
-        grown = current - max(self.plan.start_bytes, signature.tolerated)
+        assumed = self.plan.start_bytes - signature.excess  # what was really to be in use
+        grown = current - max(assumed, signature.tolerated)
         forwards = max(self.plan.forwards, self.executor.forwards)  # of the step just over
-        correct = trace is not None and signature.corrections < CORRECTIONS
+        # A plan that offloads every tracked save (the model cannot run shape-only) has
+        # nothing to learn from them.
+        correct = trace is not None and signature.corrections < CORRECTIONS and \
+            signature.profile is not None
         # A step whose saves the plan did not know tells nothing of the plan's forecast.
-        excess = trace.excess if correct and not trace.unplanned else 0
+        excess = trace.excess(assumed, current) if correct and not trace.unplanned else 0
+        if entry is not None:
+            entry["excess_bytes"] = excess
         if self.plan.budget is None:
             return
         slack = max(self.plan.budget // 100, 2**16)
@@ -618,7 +629,7 @@ def _traced_line(traced: dict) -> str:
             f"{format_bytes(traced['predicted_peak'])}, measured "
             f"{format_bytes(traced['measured_peak'])}; {traced['unplanned_saves']} of "
             f"{traced['saves']} tracked save(s) unknown to the plan")
-    if traced["excess_bytes"]:
+    if traced.get("excess_bytes"):
         line += f"; {format_bytes(traced['excess_bytes'])} beyond the plan"
     return line
 

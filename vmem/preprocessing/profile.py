@@ -538,6 +538,12 @@ def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, rec
 
     The outputs stay alive through backward, as a training loop's ``out`` does."""
     args, kwargs = inputs
+    held = []  # the gradients backward accumulates into, as in an accumulation loop
+    if gradients_held:
+        for t in tensors.values():
+            if t.requires_grad:
+                t.grad = torch.zeros_like(t)
+                held.append(t.grad)
     handles = recorder.hook(model)
     calls = recorder.calls_running
     try:
@@ -548,10 +554,8 @@ def _step(model: nn.Module, tensors: dict[str, torch.Tensor], inputs: tuple, rec
                 _reparametrize_module(model, tensors, tie_weights=True):
             if calls:
                 calls.new_step()
-            if gradients_held:  # backward accumulates into them, as in an accumulation loop
-                for t in tensors.values():
-                    if t.requires_grad:
-                        t.grad = torch.zeros_like(t)
+            if isinstance(meter, EmulatedMeter):
+                meter.track(held)  # in use as the step starts
             out = []
             for _ in range(forwards):
                 # Hooks around forward only, as the session's: unpack stays with each save,

@@ -9,16 +9,18 @@ the executor did with it, whether the plan knew it and whether the safety net mo
 and at each save the plan knew, the bytes in use plus the rise the plan predicts from there:
 the peak the step was heading for, which the safety net may then have averted. From it the
 session corrects the plan: a step whose saves the plan did not know is planned again from a
-new profile; one that held more than predicted (:attr:`StepTrace.excess`) is planned again
+new profile; one that held more than predicted (:meth:`StepTrace.excess`) is planned again
 with that excess as bytes in use throughout the step, by the same planner and simulator.
 
 Example::
 
     >>> trace = StepTrace(start_bytes=100, predicted_peak=1000)
     >>> trace.reach(1200)  # at a save: 700 in use, 500 more predicted from there
-    >>> trace.finish(peak=950, forwards=1, next_start=100)  # the safety net offloaded
-    >>> trace.excess
+    >>> trace.finish(peak=950, forwards=1)  # the safety net offloaded
+    >>> trace.excess(assumed_start=100, next_start=100)
     200
+    >>> trace.excess(assumed_start=150, next_start=150)  # 50 the plan counted came later
+    250
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ class StepTrace:
     heading: int = 0  # most bytes in use at a known save plus the plan's rise from it
     peak: int | None = None  # measured, once the step is over
     forwards: int = 0
-    grown: int = 0  # how much more was in use as the next step started than as this one did
 
     def record(self, save: TracedSave) -> None:
         self.saves.append(save)
@@ -61,13 +62,8 @@ class StepTrace:
         """At a save the plan knew: the bytes in use plus the plan's rise from it."""
         self.heading = max(self.heading, nbytes)
 
-    def finish(self, peak: int, forwards: int, next_start: int) -> None:
+    def finish(self, peak: int, forwards: int) -> None:
         self.peak, self.forwards = peak, forwards
-        self.grown = max(0, next_start - self.start_bytes)
-
-    @property
-    def done(self) -> bool:
-        return self.peak is not None
 
     @property
     def forced(self) -> int:
@@ -78,16 +74,18 @@ class StepTrace:
     def unplanned(self) -> int:
         return sum(1 for s in self.saves if not s.planned)
 
-    @property
-    def excess(self) -> int:
+    def excess(self, assumed_start: int, next_start: int) -> int:
         """Bytes beyond the predicted peak the step held (its measured peak) or was heading
-        for (see :meth:`reach`), less what the next step starts with more: a re-plan counts
-        that as in use already (the optimizer's state from its first step)."""
-        return max(0, max(self.peak, self.heading) - self.predicted_peak - self.grown)
+        for (see :meth:`reach`), as if it had started with the ``assumed_start`` bytes its
+        plan counted (the optimizer's state before its first step creates it), less what
+        the next step of the same inputs starts with beyond that (``next_start``): a
+        re-plan counts those as in use already."""
+        missing = max(0, assumed_start - self.start_bytes)
+        grown = max(0, next_start - max(assumed_start, self.start_bytes))
+        return max(0, max(self.peak, self.heading) + missing - self.predicted_peak - grown)
 
     def to_dict(self) -> dict:
         return {"start_bytes": self.start_bytes, "predicted_peak": self.predicted_peak,
                 "measured_peak": self.peak, "forwards": self.forwards,
                 "saves": len(self.saves), "unplanned_saves": self.unplanned,
-                "forced_offloads": self.forced, "heading_bytes": self.heading,
-                "excess_bytes": self.excess}
+                "forced_offloads": self.forced, "heading_bytes": self.heading}
