@@ -209,16 +209,37 @@ def test_dataset_on_the_device(fraction):
     _check(_resnet20, _step_plain, fraction, data_fn=_device_dataset)
 
 
-def test_a_session_object_entered_twice():
-    peak, plain = _plain_peak(_resnet20, _sgd, lambda: _data(steps=2), _step_plain)
-    budget = peak // 2
-    model = _resnet20()
-    opt = _sgd(model)
-    session = vmem.session(model, optimizer=opt, budget=budget)
+def _at_budget_or_minimum(run, peak: int, fraction: float):
+    """``run(budget)`` at ``fraction`` of ``peak``; where vmem refuses before any parameter
+    changes, again at the minimum it names (below ``peak``)."""
+    budget = int(peak * fraction)
+    for _ in range(3):
+        try:
+            return run(budget)
+        except vmem.BudgetTooSmall as error:
+            assert budget < error.minimum < peak, (budget, error)
+            budget = error.minimum + 1
+    raise AssertionError(f"refused three times, last at {budget} bytes")
+
+
+MODELS = [(_resnet20, 0.75, {}), (_resnet20, 0.5, {}), (_vgg11_bn, 0.75, {"split": 1})]
+
+
+@pytest.mark.parametrize(("build", "fraction", "config"), MODELS)
+def test_a_session_object_entered_twice(build, fraction, config):
+    peak, plain = _plain_peak(build, _sgd, lambda: _data(steps=2), _step_plain)
     data = list(_data(steps=2))
-    peaks = _train(model, opt, data[:1], _step_plain, session)
-    peaks += _train(model, opt, data[1:], _step_plain, session)
-    assert max(peaks) <= budget
+
+    def run(budget):
+        model = build()
+        opt = _sgd(model)
+        session = vmem.session(model, optimizer=opt, budget=budget, **config)
+        peaks = _train(model, opt, data[:1], _step_plain, session)
+        peaks += _train(model, opt, data[1:], _step_plain, session)
+        assert max(peaks) <= budget
+        return model
+
+    model = _at_budget_or_minimum(run, peak, fraction)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                                   model.state_dict().values(), strict=True))
 
@@ -319,7 +340,8 @@ def test_the_first_step_is_traced_and_the_plan_corrected_from_it(make_opt):
     assert first["step"] == 1 and first["plan"] == "first plan"
     assert first["measured_peak"] > first["predicted_peak"] and first["excess_bytes"] > 0
     assert replanned and all("beyond the plan" in t["plan"] for t in replanned)
-    assert replanned[-1]["predicted_peak"] >= replanned[-1]["measured_peak"]
+    last = replanned[-1]  # its plan's forecast covers the step, to within the re-plan slack
+    assert last["measured_peak"] <= last["predicted_peak"] + s.budget // 100
     report = s.report()
     assert "step 1 (first plan): predicted peak" in report and "beyond the plan" in report
 
@@ -330,9 +352,9 @@ def test_segmentation_loss_on_an_encoder_decoder(fraction):
            data_fn=lambda: _data(labels=(4, 32, 32)))
 
 
-@pytest.mark.parametrize("fraction", FRACTIONS)
-def test_two_sessions_at_once(fraction):
-    def both(build=_resnet20):
+@pytest.mark.parametrize(("build", "fraction", "config"), MODELS)
+def test_two_sessions_at_once(build, fraction, config):
+    def both():
         first, second = build(), build()
         return first, second, _sgd(first), _sgd(second)
 
@@ -341,18 +363,22 @@ def test_two_sessions_at_once(fraction):
         for x, y in _data():
             _step_plain(a, opt_a, x, y)
             _step_plain(b, opt_b, x, y)
-    budget = int(meter.peak * fraction)
-    a2, b2, opt_a2, opt_b2 = both()
-    peaks = []
-    with vmem.session(a2, optimizer=opt_a2, budget=budget) as sa, \
-            vmem.session(b2, optimizer=opt_b2, budget=budget) as sb:
-        for x, y in _data():
-            sa.meter.reset_peak()
-            sb.meter.reset_peak()
-            _step_plain(a2, opt_a2, x, y)
-            _step_plain(b2, opt_b2, x, y)
-            peaks += [sa.meter.peak, sb.meter.peak]
-    assert max(peaks) <= budget
+
+    def run(budget):
+        a2, b2, opt_a2, opt_b2 = both()
+        peaks = []
+        with vmem.session(a2, optimizer=opt_a2, budget=budget, **config) as sa, \
+                vmem.session(b2, optimizer=opt_b2, budget=budget, **config) as sb:
+            for x, y in _data():
+                sa.meter.reset_peak()
+                sb.meter.reset_peak()
+                _step_plain(a2, opt_a2, x, y)
+                _step_plain(b2, opt_b2, x, y)
+                peaks += [sa.meter.peak, sb.meter.peak]
+        assert max(peaks) <= budget
+        return a2, b2
+
+    a2, b2 = _at_budget_or_minimum(run, meter.peak, fraction)
     for plain, got in ((a, a2), (b, b2)):
         assert all(torch.equal(p, q) for p, q in zip(plain.state_dict().values(),
                                                       got.state_dict().values(), strict=True))
