@@ -389,15 +389,9 @@ def _check_or_minimum(build, step, fraction, make_opt=_sgd, data_fn=_data, **con
     minimum it names (below plain's peak). An accumulation loop may be refused twice: at
     its first forward, planned without gradients held, then at the next one, with."""
     plain = _plain_peak(build, make_opt, data_fn, step, config.get("scaler"))
-    peak, minimums = plain[0], []
-    while True:
-        try:
-            return _check(build, step, fraction, make_opt, data_fn, plain=plain, **config)
-        except vmem.BudgetTooSmall as error:
-            assert error.minimum < peak and len(minimums) < 2, (error, minimums)
-            assert not minimums or error.minimum > minimums[-1]
-            minimums.append(error.minimum)
-            fraction = (error.minimum + 1) / peak
+    return _at_budget_or_minimum(
+        lambda budget: _check(build, step, (budget + 0.5) / plain[0], make_opt, data_fn,
+                              plain=plain, **config), plain[0], fraction)
 
 
 @pytest.mark.parametrize("fraction", FRACTIONS)
