@@ -8,6 +8,7 @@ from nets import SHAPE, build
 import vmem.planning
 from vmem import BudgetTooSmall, models
 from vmem.control.planner import headroom_for
+from vmem.feedforward.blocks import _Unit
 from vmem.feedforward.split_runs import SplitRun
 from vmem.planning import TIE, plan_model
 from vmem.preprocessing.hardware import emulated_spec
@@ -28,6 +29,9 @@ def profiles_once(monkeypatch):
     def cached(model, *args, **kwargs):
         runs = tuple((name, m.parts) for name, m in model.named_modules()
                      if isinstance(m, SplitRun))
+        runs += tuple(sorted({hook.__self__.name for m in model.modules()
+                              for hook in m._forward_pre_hooks.values()
+                              if isinstance(getattr(hook, "__self__", None), _Unit)}))
         shapes = tuple(tuple(t.shape) for t in kwargs.get("inputs", ()))
         key = (id(model), runs, shapes)
         if key not in cache:

@@ -2,7 +2,7 @@
 
     python -m vmem profile --model resnet50 --batch 256 --image-size 224 [--json]
     python -m vmem plan --model vgg16 --batch 256 --budget 4GiB [--policy auto] [--json]
-        [--trace plan.json] [--hardware h2d=25e9,d2h=25e9,flops=4e14]
+        [--trace plan.json] [--hardware h100-pcie | h2d=25e9,d2h=25e9,flops=4e14]
     python -m vmem demo
 """
 
@@ -82,8 +82,10 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--split", type=_positive, default=None,
                       help="most parts per split run (1: never split); default 32")
     plan.add_argument("--hardware", default=os.environ.get("VMEM_EMULATED_DEVICE", ""),
-                      help="the device to simulate, key=value pairs as VMEM_EMULATED_DEVICE "
-                      "(memory, h2d, d2h, flops), over the emulated device's defaults")
+                      help="the device to simulate: a preset (a100, h100-pcie, h100-sxm, "
+                      "h200, gh200), optionally with key=value overrides "
+                      "(h100-pcie,h2d=30e9), or key=value pairs as VMEM_EMULATED_DEVICE "
+                      "(memory, h2d, d2h, flops) over the emulated device's defaults")
     plan.add_argument("--trace", help="write the simulated step as a Chrome/Perfetto trace")
     plan.add_argument("--json", action="store_true", help="the plan as JSON")
     native = commands.add_parser("build-native", help="build the native transfer library now "
@@ -120,9 +122,10 @@ def _plan(args: argparse.Namespace) -> int:
     from .control.planner import headroom_for
     from .control.simulator import simulate
     from .control.splitting import MAX_PARTS
+    from .errors import format_bytes
     from .planning import plan_model
-    from .preprocessing.hardware import emulated_spec
     from .preprocessing.optimizer import profile_optimizer
+    from .preprocessing.presets import hardware_spec
 
     budget = parse_size(args.budget, "--budget")
     if isinstance(budget, float):
@@ -136,15 +139,28 @@ def _plan(args: argparse.Namespace) -> int:
     optimizer = profile_optimizer(make(model.parameters())) if make else None
     x = torch.empty(args.batch, 3, args.image_size, args.image_size, device="meta",
                     dtype=args.dtype)
-    spec = emulated_spec(args.hardware)
+    spec = hardware_spec(args.hardware)
+    common = dict(headroom=headroom_for(args.device), optimizer=optimizer, spec=spec)
     try:
         plan, profile = plan_model(model, (x,), budget=budget, policy=args.policy,
-                                      headroom=headroom_for(args.device), optimizer=optimizer,
-                                      max_parts=args.split or MAX_PARTS, spec=spec)
+                                   max_parts=args.split or MAX_PARTS, **common)
+        plain = plan_model(model, (x,), budget=None, policy="none", **common).plan
     except RuntimeError as err:  # e.g. an image too small for the network's pooling
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"{args.model} cannot run on input {list(x.shape)}: {first}") from None
-    print(plan.to_json(indent=1) if args.json else plan.table())
+    if args.json:
+        print(plan.to_json(indent=1))
+    else:
+        step = plan.predicted_seconds
+        moved = plan.link_bytes + plan.streamed_bytes
+        print(plan.table())
+        print(f"simulated on {spec.name}: step {step * 1e3:.1f} ms against plain "
+              f"{plain.predicted_seconds * 1e3:.1f} ms ({step / plain.predicted_seconds:.2f}x)"
+              f", peak {format_bytes(plan.predicted_peak)} against plain "
+              f"{format_bytes(plain.predicted_peak)}")
+        print(f"host link: {format_bytes(moved)} each way, against "
+              f"{format_bytes(int(spec.d2h_bandwidth * step))} out and "
+              f"{format_bytes(int(spec.h2d_bandwidth * step))} in over the step")
     if args.trace:
         simulate(profile, plan, spec).write_trace(args.trace)
         print(f"trace written to {args.trace} (open in ui.perfetto.dev)", file=sys.stderr)

@@ -17,6 +17,7 @@ split runs are installed while a split model is profiled) without running a trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -26,18 +27,24 @@ import torch
 from torch import nn
 
 from .control import Plan, make_plan
+from .control.blocks import find_blocks, recompute_order
+from .control.plan import OFFLOAD, RecomputeDecision
+from .control.simulator import op_seconds
 from .control.splitting import MAX_PARTS, choose_splits, decisions
 from .errors import BudgetTooSmall, format_bytes
+from .feedforward.blocks import Recomputation
 from .feedforward.recompute import cheap_stretches
 from .feedforward.split_runs import Splits, find_runs
 from .feedforward.stream import ShapeStash
 from .preprocessing import NetworkProfile, profile_network
-from .preprocessing.hardware import HardwareSpec
+from .preprocessing.hardware import HardwareSpec, emulated_spec
 from .preprocessing.optimizer import OptimizerProfile
 
 __all__ = ["CannotProfile", "Planned", "plan_model", "TIE"]
 
 TIE = 1e-9  # relative difference in simulated time below which two plans tie
+FAMILIES = 2  # families of blocks (see plan_model) whose sets auto times, lowest peak first
+MARGIN = 0.05  # how much faster, simulated, auto's own set of blocks must be to be taken
 
 log = logging.getLogger("vmem")
 
@@ -95,8 +102,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     kwargs = kwargs or {}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
-    def profile_of(choices: dict):
-        with Splits(model, choices, approximate, ShapeStash()):
+    def profile_of(choices: dict, recomputed=()):
+        with Splits(model, choices, approximate, ShapeStash()), \
+                Recomputation(model, [block.name for block in recomputed]):
             try:
                 profile = profile_network(model, inputs=args, kwargs=kwargs, dtype=dtype,
                                           name=type(model).__name__, forwards=forwards,
@@ -105,11 +113,11 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 raise CannotProfile(f"{type(error).__name__}: {error}") from error
         return profile if retime is None else retime(profile)
 
-    def plan_of(profile, offload_policy: str = "auto" if approximate else policy):
+    def plan_of(profile, offload_policy: str = "auto" if approximate else policy, **extra):
         plan = make_plan(profile, budget=budget, policy=offload_policy,
                          prefetch_distance=prefetch_distance, optimizer=optimizer,
                          gradients_held=gradients_held, headroom=headroom, spec=spec,
-                         compress=compress, outside_bytes=outside_bytes)
+                         compress=compress, outside_bytes=outside_bytes, **extra)
         return dataclasses.replace(plan, forwards=forwards)
 
     unsplit = profile_of({})
@@ -117,53 +125,115 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     runs = [run for run in find_runs(model) if (top_level_runs or run.container)
             and run.container not in unsplit.foreign]
     cheap_runs = [run for run in runs if cheap_stretches(run.layers(model))]
-    profiles: dict[int, NetworkProfile] = {}  # per recompute mode, profiled when first asked
+    profiles: dict[int, NetworkProfile] = {}  # per cheap-recompute mode, profiled once
+    def virtual(blocks) -> Plan:
+        """The plan with ``blocks`` counted as recomputed, on the profile without them."""
+        return plan_of(unsplit, "auto", recomputed=blocks, sweep=False)
 
-    def recompute(offload_policy: str, parts: int = 1) -> Planned:
-        """Every run recomputed (``parts`` 1) or the cheap layers of those that have some
-        (0), the rest planned by ``offload_policy``."""
-        choices = {run: (parts, 0) for run in (runs if parts else cheap_runs)}
-        if parts not in profiles:
-            profiles[parts] = profile_of(choices)
-        plan = plan_of(profiles[parts], offload_policy)
-        plan = dataclasses.replace(plan, policy="recompute" if offload_policy == "none" else
-                                   plan.policy,
-                                   splits=decisions(choices, unsplit, profiles[parts]))
-        return Planned(plan, profiles[parts])
+    def bare_peak(blocks) -> int:
+        """The predicted peak with ``blocks`` counted as recomputed, nothing offloaded."""
+        return make_plan(unsplit, budget=None, policy="none", optimizer=optimizer,
+                         gradients_held=gradients_held, outside_bytes=outside_bytes,
+                         recomputed=blocks).predicted_peak
+
+    blocks = find_blocks(unsplit, model_chain=_is_chain(model))
+    # Families of blocks, each ordered greedily: every block, and those at each depth of
+    # the module tree alone (stages, residual blocks, ...): the greedy never undoes a
+    # stage it took for its blocks, so each depth gets its own try.
+    seconds = op_seconds(unsplit, spec or emulated_spec())
+    depths = sorted({_depth(b) for b in blocks})
+    families = [recompute_order(unsplit, family, seconds) for family in
+                [blocks, *([b for b in blocks if _depth(b) == d] for d in depths)]]
+    families = sorted((sets for sets in families if sets),
+                      key=lambda sets: bare_peak(sets[-1]))[:FAMILIES]
+    sets = families[0] if families else []
+    order = sets[-1] if sets else []  # the lowest peak recomputation reaches
+
+    def cheap(offload_policy: str) -> Planned:
+        """The cheap layers of every run that has some recomputed, the rest planned by
+        ``offload_policy``."""
+        choices = {run: (0, 0) for run in cheap_runs}
+        if 0 not in profiles:
+            profiles[0] = profile_of(choices)
+        plan = plan_of(profiles[0], offload_policy)
+        return Planned(dataclasses.replace(plan, splits=decisions(choices, unsplit,
+                                                                  profiles[0])), profiles[0])
+
+    def recompute(chosen: list) -> Planned:
+        """The blocks ``chosen`` recomputed, what else the budget needs offloaded (their
+        inputs among it: recompute inside, offload the boundary)."""
+        profile = profile_of({}, chosen)
+        plan = plan_of(profile, "auto")
+        return Planned(dataclasses.replace(
+            plan, policy=policy, recomputed=recompute_decisions(chosen, unsplit, plan)),
+            profile)
+
+    def recompute_policy() -> Planned:
+        """``recompute``: the blocks of the lowest peak recomputed, or, where that plan
+        does not fit, the set whose plan needs the least."""
+        try:
+            return recompute(order)
+        except BudgetTooSmall as error:
+            return recompute(_lowest_set(sets, error, virtual))
 
     if policy == "recompute":
-        if not runs:
+        if not order:
             raise ValueError(
-                f"policy='recompute': {type(model).__name__} has no run of convolution "
-                "layers to recompute (runs are stretches of an nn.Sequential submodule, "
-                "starting at a Conv2d); use policy='auto' or 'vdnn_conv'")
-        return recompute("none")
+                f"policy='recompute': {type(model).__name__} has no block whose "
+                "recomputation frees anything (a block is a submodule, or a stretch of an "
+                "nn.Sequential, that saves tensors for backward); use policy='auto' or "
+                "'vdnn_conv'")
+        return recompute_policy()
     if policy == "auto" and spec is not None:
         attempts = {"auto": lambda: Planned(plan_of(unsplit), unsplit),
                     "vdnn_conv": lambda: Planned(plan_of(unsplit, "vdnn_conv"), unsplit),
                     "vdnn_all": lambda: Planned(plan_of(unsplit, "vdnn_all"), unsplit)}
-        if runs:
-            attempts["recompute"] = lambda: recompute("none")
-            attempts["recompute + auto"] = lambda: recompute("auto")
+        if order:
+            attempts["recompute"] = recompute_policy
+            chosen = min((_fastest_set(family, virtual) for family in families),
+                         key=lambda found: found[1])[0]
+            if chosen and chosen != order:
+                attempts[f"{len(chosen)} blocks recomputed + auto"] = \
+                    lambda: recompute(chosen)
         if cheap_runs:
-            attempts["cheap recompute"] = lambda: recompute("none", parts=0)
-            attempts["cheap recompute + auto"] = lambda: recompute("auto", parts=0)
-        candidates = {}
+            attempts["cheap recompute"] = lambda: cheap("none")
+            attempts["cheap recompute + auto"] = lambda: cheap("auto")
+        candidates, refusals = {}, []
         for name, attempt in attempts.items():
             try:
                 candidates[name] = attempt()
-            except BudgetTooSmall:
-                pass
+            except BudgetTooSmall as error:
+                refusals.append(error)
             except CannotProfile as error:  # the model as is ran: only this candidate fails
                 log.info("vmem: auto leaves out the %s plan: %s", name, error)
         if candidates:  # the fastest; on a tie (to rounding) the first, the least changed
-            best = min(c.plan.predicted_seconds for c in candidates.values())
-            name = next(n for n, c in candidates.items()
-                        if c.plan.predicted_seconds <= best * (1 + TIE))
+            def charged(name: str) -> float:  # a set of blocks of auto's own choosing must
+                # be clearly faster: it leaves the safety net less to offload
+                seconds = candidates[name].plan.predicted_seconds
+                return seconds * (1 + MARGIN) if name.endswith("blocks recomputed + auto") \
+                    else seconds
+            best = min(charged(n) for n in candidates)
+            name = next(n for n in candidates if charged(n) <= best * (1 + TIE))
             log.info("vmem: auto takes the %s plan, %s", name, ", ".join(
                 f"{n} {c[0].predicted_seconds * 1e3:.1f} ms" for n, c in candidates.items()))
             plan, profile = candidates[name]
             return Planned(dataclasses.replace(plan, policy="auto"), profile)
+        if refusals and sets:  # the set of blocks whose plan needs least, verified
+            try:
+                planned = recompute(_lowest_set(
+                    sets, min(refusals, key=lambda error: error.minimum), virtual))
+                return Planned(dataclasses.replace(planned.plan, policy="auto"),
+                               planned.profile)
+            except BudgetTooSmall as error:
+                refusals.append(error)
+        if refusals and (not runs or max_parts < 2):  # the smallest any candidate needs
+            raise min(refusals, key=lambda error: error.minimum)
+    elif policy == "auto" and order:
+        try:
+            return Planned(plan_of(unsplit), unsplit)
+        except BudgetTooSmall:
+            with contextlib.suppress(BudgetTooSmall, CannotProfile):
+                return recompute(order)
     try:
         return Planned(plan_of(unsplit), unsplit)
     except BudgetTooSmall:
@@ -175,3 +245,83 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     batch = 0 if approximate or first is None or not first.dim() else first.shape[0]
     plan, _, profile = choose_splits(runs, profile_of, plan_of, unsplit, batch, max_parts)
     return Planned(dataclasses.replace(plan, approximate=approximate), profile)
+
+
+def _depth(block) -> int:
+    """How deep in the module tree ``block`` sits: 1 for a child of the model (a stretch
+    of the model's own children too)."""
+    return block.path.count(".") + 1 + ("[" in block.name and bool(block.path))
+
+
+def _is_chain(model: nn.Module) -> bool:
+    return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+
+
+def _fastest_set(sets: list, plan_with, points: int = 9) -> tuple[list, float]:
+    """The set of blocks among ``sets`` (each one greedy move on from the one before, see
+    :func:`~vmem.control.blocks.recompute_order`) whose plan, made on the model without
+    them (``plan_with(blocks)``: raises BudgetTooSmall when it does not fit), is simulated
+    fastest; among ``points`` sets evenly spread, then bisecting towards the best between
+    its neighbours; with its simulated seconds. Empty when none fits (or recomputing
+    nothing is fastest)."""
+    timed: dict[int, float] = {}
+
+    def time(k: int) -> float:  # k: how many moves; 0 recomputes nothing
+        if k not in timed:
+            try:
+                timed[k] = plan_with(sets[k - 1] if k else []).predicted_seconds
+            except BudgetTooSmall:
+                timed[k] = float("inf")
+        return timed[k]
+
+    for k in sorted({round(len(sets) * i / (points - 1)) for i in range(points)}):
+        time(k)
+    best = min(timed, key=lambda k: (timed[k], k))
+    step = max(1, len(sets) // (points - 1))
+    while step > 1:
+        step //= 2
+        for k in (best - step, best + step):
+            if 0 <= k <= len(sets):
+                time(k)
+        best = min(timed, key=lambda k: (timed[k], k))
+    return ([] if timed[best] == float("inf") or not best else sets[best - 1]), timed[best]
+
+
+def _lowest_set(sets: list, refusal: BudgetTooSmall, plan_with) -> list:
+    """The set among ``sets`` whose plan on the model without them (``plan_with``) needs
+    the smallest budget; raises ``refusal`` if none needs less than it names."""
+    minimums = []
+    for blocks in sets:
+        try:
+            plan_with(blocks)
+            return blocks  # it fits: nothing needs less
+        except BudgetTooSmall as error:
+            minimums.append((error.minimum, blocks))
+    minimum, blocks = min(minimums, key=lambda entry: entry[0])
+    if minimum >= refusal.minimum:
+        raise refusal
+    return blocks
+
+
+def recompute_decisions(chosen: list, unsplit: NetworkProfile, plan: Plan
+                        ) -> list[RecomputeDecision]:
+    """What the plan reports of each recomputed block: the bytes it frees and the FLOPs it
+    costs (in ``unsplit``, the profile without it), and whether its input is offloaded."""
+    saves = unsplit.timeline.saves
+    offloaded = {(d.key.module, d.key.ordinal) for d in plan.saves
+                 if d.action == OFFLOAD and d.key is not None}
+    decisions = []
+    for block in chosen:
+        layers = {i for start, stop in block.spans for i in range(start, stop)}
+        entry = _child(block.name) if "[" in block.name else block.name  # saves its input
+        decisions.append(RecomputeDecision(
+            block.name, sum(saves[i].nbytes for i in block.own),
+            sum(unsplit.layers[i].forward_flops for i in layers), (entry, 0) in offloaded))
+    return decisions
+
+
+def _child(stretch: str) -> str:
+    """The first child's module name of a stretch ``container[start:stop]``."""
+    container, rest = stretch.split("[", 1)
+    start = rest.split(":", 1)[0]
+    return f"{container}.{start}" if container else start

@@ -83,7 +83,7 @@ def test_calls_after_the_forward_are_not_the_steps():
 
 def test_a_split_run_is_timed_as_one_layer():
     model = build("vgg_bn")
-    runs = {run: (1, 0) for run in find_runs(model)}
+    runs = {run: (2, 0) for run in find_runs(model)}
     with Splits(model, runs):
         layers = _leaf_layers(model)
         timer = LayerTimer(model, layers, torch.device("cpu"))

@@ -7,12 +7,13 @@
   (mmCNN's Convolutional Part Number), under the budget; fixed policies from vDNN too;
 - :mod:`.simulator` plays a plan on the compute and copy streams: predicted time, memory
   over time, a trace;
+- :mod:`.blocks` finds the blocks a profiled model can recompute, and what each frees;
 - :mod:`.splitting` chooses how many parts each run of layers is split into (mmCNN's Self
   Part Number) when no offload plan fits;
 - :mod:`.plan` is the result: a dataclass with a JSON round-trip and a table.
 """
 
-from .plan import Plan, SaveDecision, SegmentPlan
+from .plan import Plan, RecomputeDecision, SaveDecision, SegmentPlan
 from .planner import make_plan
 
-__all__ = ["Plan", "SaveDecision", "SegmentPlan", "make_plan"]
+__all__ = ["Plan", "RecomputeDecision", "SaveDecision", "SegmentPlan", "make_plan"]

@@ -9,6 +9,10 @@ changes nothing here: its bytes leave and come back whole (the kernels read and 
 slot directly; their workspace is the chunk counts and, in forward, a mask of a thirty-second
 of an fp32 save, which the headroom covers).
 
+A recomputed block (:mod:`.blocks`) frees its own saves the same way, from their release
+until the first operator that unpacks one of them, where the block runs again
+(:meth:`MemoryModel.recompute_at`); they are then no offload candidates.
+
 The prefetch of a storage is issued by the first unpack, in backward, of any tracked save of a
 segment no more than ``distance`` segments after the storage's own, which is the rule the
 executor (:mod:`vmem.feedforward.offload`) follows.
@@ -27,23 +31,45 @@ class MemoryModel:
     """Predicts the memory curve of a plan; built once per profile, evaluated many times."""
 
     def __init__(self, profile: NetworkProfile, layer_segment: list[int], min_bytes: int,
-                 extra_bytes: int = 0) -> None:
+                 extra_bytes: int = 0, recomputed=()) -> None:
         timeline = profile.timeline
         self.layer_segment = layer_segment
         self.steps = len(timeline.memory)
         self.backward_from = timeline.backward_from
         # Plain memory per operator, with what the profile does not see (optimizer state).
         self.base = torch.tensor(timeline.memory, dtype=torch.int64) + extra_bytes
+        self.recomputed = list(recomputed)
+        gone = set()
+        for block in self.recomputed:
+            self.base += self.freed(profile, block)
+            gone.update(block.own)
         self.op_segment = torch.tensor([layer_segment[i] if i >= 0 else -1
                                         for i in timeline.layer], dtype=torch.int64)
         # The tracked saves: storages of at least min_bytes, in the order of first save.
-        self.saves = [s for s in timeline.saves if s.nbytes >= min_bytes and s.layers]
+        self.saves = [s for i, s in enumerate(timeline.saves)
+                      if s.nbytes >= min_bytes and s.layers and i not in gone]
         self.segment = [layer_segment[max(s.layers)] for s in self.saves]  # needed first
         self.segments = max(layer_segment, default=0) + 1
         first_unpack = [self.steps] * self.segments
         for save, segment in zip(self.saves, self.segment, strict=True):
             first_unpack[segment] = min(first_unpack[segment], save.needed_at)
         self.first_unpack = first_unpack
+
+    def recompute_at(self, profile: NetworkProfile, block) -> int:
+        """The operator at which backward recomputes ``block``: its first unpack."""
+        saves = profile.timeline.saves
+        return min(min(saves[i].needed_at for i in block.own), self.steps)
+
+    def freed(self, profile: NetworkProfile, block) -> torch.Tensor:
+        """The change to the curve (per operator) of recomputing ``block``."""
+        delta = torch.zeros(self.steps + 1, dtype=torch.int64)
+        end = self.recompute_at(profile, block)
+        for i in block.own:
+            save = profile.timeline.saves[i]
+            if save.released_at < end:
+                delta[save.released_at] -= save.nbytes
+                delta[end] += save.nbytes
+        return torch.cumsum(delta, 0)[: self.steps]
 
     def prefetch_at(self, segment: int, distance: int) -> int:
         """Operator index by which a storage needed in ``segment`` has been fetched back."""

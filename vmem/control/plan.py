@@ -9,7 +9,8 @@ from ..errors import format_bytes
 from ..preprocessing.keys import SaveKey
 from ..transfer.compression import compressed_nbytes
 
-__all__ = ["Plan", "SaveDecision", "SegmentPlan", "SplitDecision", "KEEP", "OFFLOAD"]
+__all__ = ["Plan", "RecomputeDecision", "SaveDecision", "SegmentPlan", "SplitDecision", "KEEP",
+           "OFFLOAD"]
 
 KEEP, OFFLOAD = "keep", "offload"
 
@@ -57,11 +58,21 @@ class SplitDecision:
     """A run of layers executed in parts (mmCNN's Self Part Number)."""
 
     run: str  # e.g. "features[0:7]": children 0 to 6 of the Sequential ``features``
-    parts: int  # 1: not split but recomputed whole in backward; 0: its cheap layers only
+    parts: int  # 0: not split, its cheap layers recomputed in backward
     axis: int  # 0: batch, 2: height, 3: width
     memmax_before: int  # peak device bytes while the run's layers work, unsplit, plain
     memmax_after: int  # the same, split
     streamed_bytes: int = 0  # its input, kept in the host pool for backward (not on device)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecomputeDecision:
+    """A block run again in backward instead of keeping its saves (:mod:`.blocks`)."""
+
+    block: str  # "layer1.0" (a module), or "features[0:3]" (a stretch of a Sequential)
+    freed_bytes: int  # its own saves, which it no longer keeps
+    forward_flops: int  # what running it again costs
+    input_offloaded: bool = False  # its input (what it is recomputed from) goes to the host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +105,7 @@ class Plan:
     start_bytes: int = 0  # device bytes in use as the step's first forward starts, assumed
     unplanned: str = KEEP  # what to do with a save the plan does not know (safety net aside)
     forwards: int = 1  # forwards of the model in one step (before its backward)
+    recomputed: list[RecomputeDecision] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "saves", [s if isinstance(s, SaveDecision)
@@ -102,6 +114,9 @@ class Plan:
                                               else SegmentPlan(**s) for s in self.segments])
         object.__setattr__(self, "splits", [s if isinstance(s, SplitDecision)
                                             else SplitDecision(**s) for s in self.splits])
+        object.__setattr__(self, "recomputed", [
+            r if isinstance(r, RecomputeDecision) else RecomputeDecision(**r)
+            for r in self.recomputed])
 
     @property
     def offloaded_bytes(self) -> int:
@@ -151,12 +166,19 @@ class Plan:
                      f"{'run':<24} {'parts':>5} {'axis':>9} {'Memmax unsplit':>15} "
                      f"{'split':>11} {'streamed':>11}"]
             for split in self.splits:
-                axis = {0: "cheap", 1: "recompute"}.get(split.parts) or \
+                axis = "cheap" if split.parts == 0 else \
                     {0: "batch", 2: "height", 3: "width"}[split.axis]
                 rows.append(f"{split.run[-24:]:<24} {split.parts:>5} {axis:>9} "
                             f"{format_bytes(split.memmax_before):>15} "
                             f"{format_bytes(split.memmax_after):>11} "
                             f"{format_bytes(split.streamed_bytes):>11}")
+        if self.recomputed:
+            rows += ["", f"blocks recomputed in backward ({len(self.recomputed)}):",
+                     f"{'block':<28} {'frees':>11} {'recompute GF':>13} {'its input':>10}"]
+            for block in self.recomputed:
+                rows.append(f"{block.block[-28:]:<28} {format_bytes(block.freed_bytes):>11} "
+                            f"{block.forward_flops / 1e9:>13.2f} "
+                            f"{'offloaded' if block.input_offloaded else 'kept':>10}")
         budget = "none" if self.budget is None else \
             f"{format_bytes(self.budget)} (target {format_bytes(self.target)}, headroom " \
             f"{format_bytes(self.headroom)})"

@@ -77,7 +77,8 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
               prefetch_distance: int | None = None, optimizer: OptimizerProfile | None = None,
               gradients_held: bool = False, headroom: tuple[float, int] = (0.02, 0),
               min_bytes: int = MIN_BYTES, spec: HardwareSpec | None = None,
-              compress: bool = False, outside_bytes: int = 0) -> Plan:
+              compress: bool = False, outside_bytes: int = 0, recomputed=(),
+              sweep: bool = True) -> Plan:
     """Plan one training step of ``profile`` within ``budget`` bytes.
 
     ``gradients_held``: the parameters' gradients are on the device when forward starts
@@ -94,7 +95,10 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     crosses the link compressed, and ``auto`` ranks saves by FLOPs per byte on the link.
     Compression moves no device memory (:mod:`.memory`); the plan without it is made too and
     taken when the compressed one is simulated no faster (without ``spec``, the compressed
-    plan is taken).
+    plan is taken). ``recomputed``: blocks (:mod:`.blocks`) of ``profile`` to count as
+    recomputed (what a plan would be with them, before profiling the model so; the plan
+    returned does not install them). ``sweep``: with ``spec``, simulate every prefetch
+    distance that fits (else only the widest).
 
     Example::
 
@@ -107,7 +111,8 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
     """
     keywords = dict(budget=budget, policy=policy, prefetch_distance=prefetch_distance,
                     optimizer=optimizer, gradients_held=gradients_held, headroom=headroom,
-                    min_bytes=min_bytes, spec=spec, outside_bytes=outside_bytes)
+                    min_bytes=min_bytes, spec=spec, outside_bytes=outside_bytes,
+                    recomputed=recomputed, sweep=sweep)
     raw = _make_plan(profile, compress=False, **keywords)  # raises when nothing fits
     if not compress or all(save.density is None for save in profile.timeline.saves):
         return raw
@@ -120,13 +125,15 @@ def make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
 def _make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
                prefetch_distance: int | None, optimizer: OptimizerProfile | None,
                gradients_held: bool, headroom: tuple[float, int], min_bytes: int,
-               spec: HardwareSpec | None, compress: bool, outside_bytes: int) -> Plan:
+               spec: HardwareSpec | None, compress: bool, outside_bytes: int, recomputed,
+               sweep: bool) -> Plan:
     """:func:`make_plan` with compression where it pays (``compress``) or nowhere."""
     layer_segment = segment_of_layers(profile.layers)
     state = optimizer.state_bytes if optimizer else 0
     grads = profile.param_bytes if gradients_held and not profile.gradients_held else 0
     held = state + grads + outside_bytes
-    model = MemoryModel(profile, layer_segment, min_bytes, extra_bytes=held)
+    model = MemoryModel(profile, layer_segment, min_bytes, extra_bytes=held,
+                        recomputed=recomputed)
     step_peak = 0
     if optimizer:  # the step also sees the buffers and the input batch
         step_peak = optimizer.step_peak + profile.buffer_bytes + profile.input_bytes + \
@@ -161,16 +168,16 @@ def _make_plan(profile: NetworkProfile, *, budget: int | None, policy: str,
                      offloaded, distance, min_bytes, held, peak, link)
     if spec is None:
         return plan
-    if policy == "auto" and prefetch_distance is None and offloaded:
+    if policy == "auto" and prefetch_distance is None and offloaded and sweep:
         plans = [plan] + [_assemble(profile, model, layer_segment, policy, budget, target,
                                     fraction, fixed, offloaded, d, min_bytes, held, peak,
                                     link)
                           for d in range(1, distance)]  # every distance that fits
-        timed = [dataclasses.replace(p, predicted_seconds=simulate(profile, p, spec)
-                                     .iteration_s) for p in plans]
+        timed = [dataclasses.replace(p, predicted_seconds=simulate(
+            profile, p, spec, recomputed).iteration_s) for p in plans]
         return min(timed, key=lambda p: (p.predicted_seconds, -p.prefetch_distance))
-    return dataclasses.replace(plan, predicted_seconds=simulate(profile, plan, spec)
-                               .iteration_s)
+    return dataclasses.replace(plan, predicted_seconds=simulate(profile, plan, spec,
+                                                                recomputed).iteration_s)
 
 
 def _link_bytes(save: SavedStorage, compress: bool) -> int:

@@ -1,8 +1,13 @@
 """The timeline simulator: a plan's training step on three streams, predicted.
 
-The compute stream runs the profile's operators in order: each layer's forward and backward
-time spread evenly over its operators (measured on a GPU, else its FLOPs at the device's
-compute rate), plus a launch overhead per operator. An offloaded save is copied out on the
+The compute stream runs the profile's operators in order, each for its time plus a launch
+overhead: measured on a GPU (each layer's forward and backward time spread evenly over its
+operators), else a roofline: the larger of its FLOPs at the rate it computes at (TF32 for
+an fp32 convolution, bf16/fp16 for a half-precision matrix operator, fp32 otherwise) and
+the bytes it reads and writes at the device-memory bandwidth, where the spec knows it. A
+recomputed block the plan is only considered for (``recomputed``: planned on the profile
+of the model without it) adds its forward's time at the operator that recomputes it.
+An offloaded save is copied out on the
 device-to-host stream once its layer has produced it, and its device bytes go when both the
 forward code has let go of it and the copy is done (what ``record_stream`` enforces); when
 that would take the device past the plan's target, compute waits for copies out to finish,
@@ -40,7 +45,7 @@ from .memory import MemoryModel
 from .plan import OFFLOAD, Plan
 from .segments import segment_of_layers
 
-__all__ = ["Simulation", "simulate", "DUPLEX", "LAUNCH_S"]
+__all__ = ["Simulation", "simulate", "op_seconds", "block_seconds", "DUPLEX", "LAUNCH_S"]
 
 DUPLEX = 0.8  # each direction's share of its bandwidth while both directions copy
 LAUNCH_S = 5e-6  # per operator: kernel launch and framework overhead
@@ -75,9 +80,17 @@ class Simulation:
             json.dump(self.trace(), f)
 
 
-def _op_seconds(profile: NetworkProfile, spec: HardwareSpec) -> list[float]:
-    """Each operator's compute time."""
+def op_seconds(profile: NetworkProfile, spec: HardwareSpec) -> list[float]:
+    """Each operator's compute time, launch included (see the module docstring)."""
     timeline = profile.timeline
+    if not profile.timed and len(timeline.flops) == len(timeline.memory):
+        rates = {"tf32": spec.tf32_rate or spec.compute_rate,
+                 "half": spec.half_rate or spec.compute_rate}
+        bandwidth = spec.memory_bandwidth
+        return [max(flops / rates.get(dense, spec.compute_rate),
+                    moved / bandwidth if bandwidth else 0.0) + LAUNCH_S
+                for flops, moved, dense in zip(timeline.flops, timeline.moved, timeline.dense,
+                                               strict=True)]
     counts: dict[tuple[int, bool], int] = {}
     for op, layer in enumerate(timeline.layer):
         key = (layer, op >= timeline.backward_from)
@@ -99,6 +112,14 @@ def _op_seconds(profile: NetworkProfile, spec: HardwareSpec) -> list[float]:
     return seconds
 
 
+def block_seconds(profile: NetworkProfile, block, seconds: list[float]) -> float:
+    """The forward time of ``block``'s layers (one run of it again), from ``seconds``."""
+    timeline = profile.timeline
+    layers = {i for start, stop in block.spans for i in range(start, stop)}
+    return sum(t for op, t in enumerate(seconds[: timeline.backward_from])
+               if timeline.layer[op] in layers)
+
+
 class _Link:
     """One copy direction: a queue of copies at a bandwidth."""
 
@@ -118,13 +139,18 @@ class _Link:
         return end
 
 
-def simulate(profile: NetworkProfile, plan: Plan, spec: HardwareSpec) -> Simulation:
-    """Predict one training step of ``plan`` (made from ``profile``) on ``spec``."""
+def simulate(profile: NetworkProfile, plan: Plan, spec: HardwareSpec,
+             recomputed=()) -> Simulation:
+    """Predict one training step of ``plan`` (made from ``profile``, with the blocks
+    ``recomputed`` considered recomputed, see the module docstring) on ``spec``."""
     layer_segment = segment_of_layers(profile.layers)
-    model = MemoryModel(profile, layer_segment, plan.min_bytes, plan.resident_bytes)
+    model = MemoryModel(profile, layer_segment, plan.min_bytes, plan.resident_bytes,
+                        recomputed)
     offloaded = [i for i, d in enumerate(plan.saves) if d.action == OFFLOAD]
     distance = plan.prefetch_distance
-    seconds = _op_seconds(profile, spec)
+    seconds = op_seconds(profile, spec)
+    for block in recomputed:
+        seconds[model.recompute_at(profile, block)] += block_seconds(profile, block, seconds)
     d2h, h2d = _Link("d2h", spec.d2h_bandwidth), _Link("h2d", spec.h2d_bandwidth)
     events: list[tuple[str, str, float, float]] = []
     by_saved = {}  # operator -> offloaded saves it produces

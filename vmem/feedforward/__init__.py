@@ -6,7 +6,9 @@
 - :mod:`.pools` holds the pinned host pool and the staging pool (the resident pool is
   PyTorch's caching allocator, accounted by the plan);
 - :mod:`.split` runs a chain of layers in parts, exactly (or Split-CNN's way);
-- :mod:`.recompute` runs a chain of layers again in backward (checkpointing);
+- :mod:`.blocks` recomputes any block (a submodule, or a stretch of an ``nn.Sequential``)
+  in backward through PyTorch's non-reentrant checkpoint, installed by hooks;
+- :mod:`.recompute` recomputes a run's cheap layers (BatchNorm, activations) in backward;
 - :mod:`.split_runs` finds a model's splittable runs and installs the plan's splits;
 - :mod:`.stream` keeps split runs' inputs in the host pool, fetched back part by part.
 """

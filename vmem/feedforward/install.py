@@ -1,10 +1,12 @@
 """Installing a plan: the one way a :class:`~vmem.control.Plan` is put in force on a model.
 
 :func:`install` reads nothing but the plan (and the model it resolves the plan's names
-against): the saves' decisions go to an :class:`~.offload.OffloadExecutor`, the split and
-recomputed runs (``Plan.splits``, by run name) to a :class:`~.split_runs.Splits`. The
-:class:`Installed` it returns puts the runs in force while active and takes them away
-again, and runs each of the model's forwards under the executor's saved-tensor hooks
+against): the saves' decisions go to an :class:`~.offload.OffloadExecutor`, the split runs
+and those with their cheap layers recomputed (``Plan.splits``, by run name) to a
+:class:`~.split_runs.Splits`, the recomputed blocks (``Plan.recomputed``, by block name)
+to a :class:`~.blocks.Recomputation`. The :class:`Installed` it returns puts the runs and
+blocks in force while active and takes them away again, and runs each of the model's
+forwards under the executor's saved-tensor hooks
 (:meth:`Installed.forward`). A plan read back with ``Plan.from_json`` installs exactly as
 the plan it was written from.
 
@@ -41,6 +43,7 @@ from ..control.plan import Plan
 from ..meter import DeviceMeter
 from ..preprocessing.keys import ModuleScope
 from ..transfer import TransferBackend
+from .blocks import Recomputation
 from .offload import OffloadExecutor, TransferCounters
 from .pools import HostPool, StagingPool
 from .split_runs import Splits, choices_of
@@ -65,17 +68,22 @@ class Installed:
     """
 
     def __init__(self, model: nn.Module, plan: Plan, executor: OffloadExecutor,
-                 splits: Splits | None, staging: StagingPool) -> None:
+                 splits: Splits | None, staging: StagingPool,
+                 recomputation: Recomputation | None = None) -> None:
         self.model, self.plan, self.executor, self.splits = model, plan, executor, splits
+        self.recomputation = recomputation
         self.staging = staging
         self.active = False
         self._hooks = None  # the saved-tensor hooks of the forward running
 
     def activate(self) -> None:
-        """Put the plan's runs in force (the model's forward changes while active)."""
+        """Put the plan's runs and blocks in force (split runs change the forward of their
+        ``nn.Sequential`` while active; recomputed blocks only add hooks)."""
         if not self.active:
             if self.splits is not None:
                 self.splits.__enter__()
+            if self.recomputation is not None:
+                self.recomputation.activate()
             self.active = True
         self.staging.stats.capacity = self.plan.staging_bytes  # the plan sized it
 
@@ -83,6 +91,8 @@ class Installed:
         """The model as the user wrote it again; the executor keeps what it holds."""
         if self.active and self.splits is not None:
             self.splits.__exit__(None, None, None)
+        if self.active and self.recomputation is not None:
+            self.recomputation.deactivate()
         self.active = False
 
     def __enter__(self) -> Installed:
@@ -133,7 +143,8 @@ def install(model: nn.Module, plan: Plan, pools: Pools, backend: TransferBackend
     other installed plans; ``meter``: the device bytes in use, for the safety net.
 
     Raises:
-        ValueError: the plan splits a run that ``model`` does not have.
+        ValueError: the plan splits a run or recomputes a block that ``model`` does not
+            have.
     """
     if device is None:
         device = next((t.device for t in [*model.parameters(), *model.buffers()]),
@@ -141,9 +152,11 @@ def install(model: nn.Module, plan: Plan, pools: Pools, backend: TransferBackend
     choices = choices_of(model, plan.splits)
     splits = Splits(model, choices, plan.approximate,
                     HostStash(backend, pools.host, device)) if choices else None
+    recomputation = Recomputation(model, [r.block for r in plan.recomputed]) \
+        if plan.recomputed else None
     executor = OffloadExecutor(plan, device, backend, pools.host, pools.staging,
                                _resident_keys(model, []), scope, counters, meter)
-    return Installed(model, plan, executor, splits, pools.staging)
+    return Installed(model, plan, executor, splits, pools.staging, recomputation)
 
 
 def _resident_keys(model: nn.Module, inputs: list[torch.Tensor]) -> set[int]:

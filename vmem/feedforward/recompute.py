@@ -1,30 +1,24 @@
-"""Recomputation (Chen et al.'s checkpointing) of a run of layers, bit-identical to plain.
+"""Cheap-layer recomputation of a run (the memory-efficient DenseNet idea), bit-identical
+to plain.
 
-Forward runs the layers without autograd and keeps only the run's input (on the device, or
-in the host pool through a stash, :mod:`.stream`); backward runs them again, with autograd,
-from that input and the random-number state forward started from, then backpropagates. The
-operations are the layers' own on the same inputs, so the output and every gradient equal
-plain PyTorch's bit for bit, dropout masks included (the recomputation replays the same
-random numbers and leaves the generators as it found them) under the autocast state forward
-ran in. BatchNorm updates its running statistics once, in forward; the recomputation
-normalises with the batch's statistics as forward did, without updating them.
-
-:func:`cheap_forward` recomputes only the cheap layers (the memory-efficient DenseNet idea):
-in each BatchNorm → pointwise layers → convolution stretch of a run, the activation the
-convolution reads (and its pointwise layers keep) is not kept; backward renormalises it from
-the BatchNorm's input, which is kept anyway, and runs the convolution's own backward on it
+:func:`cheap_forward` recomputes only the cheap layers: in each BatchNorm → pointwise
+layers → convolution stretch of a run, the activation the convolution reads (and its
+pointwise layers keep) is not kept; backward renormalises it from the BatchNorm's input,
+which is kept anyway, and runs the convolution's own backward on it
 (``aten.convolution_backward``, what autograd calls), so no convolution runs twice and the
-results are again bit-identical. Under autocast the convolution's backward would need the
-casts autograd records around it, so there the layers simply run as they are (nothing is
-recomputed, and a profile shows no saving).
+results are bit-identical. BatchNorm updates its running statistics once, in forward; the
+recomputation normalises with the batch's statistics as forward did, without updating
+them. Under autocast the convolution's backward would need the casts autograd records
+around it, so there the layers simply run as they are (nothing is recomputed, and a
+profile shows no saving). Whole blocks are recomputed by :mod:`.blocks`.
 
 Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> run = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5)]
+    >>> run = [nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 8, 3, padding=1)]
     >>> x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    >>> out = recompute_forward(run, x)
+    >>> out = cheap_forward(run, x)
     >>> out.sum().backward()
     >>> x.grad.shape
     torch.Size([2, 3, 16, 16])
@@ -32,26 +26,13 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .split import _POINTWISE, Held, _check_first, _tensors_of, needing_grad
+from .split import _POINTWISE, _tensors_of, needing_grad
 
-__all__ = ["RecomputeChain", "CheapRecompute", "recompute_forward", "cheap_forward",
-           "cheap_stretches"]
-
-_DEVICE_RNG = ("cuda",)  # device types whose generator the recomputation must replay too
-
-
-def _rng_state(device: torch.device):
-    cpu = torch.get_rng_state()
-    if device.type in _DEVICE_RNG:
-        return cpu, torch.cuda.get_rng_state(device)
-    return cpu, None
-
+__all__ = ["CheapRecompute", "cheap_forward", "cheap_stretches"]
 
 def _autocast_state(device: torch.device) -> dict | None:
     """The autocast arguments forward ran under on ``device``'s type, or None (off)."""
@@ -89,50 +70,6 @@ def _run(layers, tensors, x: torch.Tensor, update: bool) -> torch.Tensor:
         else:  # pooling, pointwise, dropout: no parameters; forward skips module hooks
             x = layer.forward(x)
     return x
-
-
-class RecomputeChain(torch.autograd.Function):
-    """Arguments: the input, the layers, a stash (None: autograd saves the input), then the
-    parameters that need gradients."""
-
-    @staticmethod
-    def forward(ctx, x, layers, stash, *params):
-        layers = list(layers)
-        tensors = _tensors_of(layers)
-        ctx.rng, ctx.autocast = _rng_state(x.device), _autocast_state(x.device)
-        out = _run(layers, tensors, x, update=True)
-        if stash is None:
-            ctx.save_for_backward(x)
-            ctx.source = None
-        else:
-            ctx.source = stash(x)
-        ctx.layers, ctx.tensors, ctx.params, ctx.shape = layers, tensors, params, x.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        source = ctx.source if ctx.source is not None else Held(ctx.saved_tensors[0])
-        x = source.rows(0, 0, ctx.shape[0]).detach().requires_grad_(True)
-        cpu, device_state = ctx.rng
-        devices = [x.device] if device_state is not None else []
-        autocast = contextlib.nullcontext() if ctx.autocast is None else \
-            torch.autocast(**ctx.autocast)
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), autocast:
-            torch.set_rng_state(cpu)
-            if device_state is not None:
-                torch.cuda.set_rng_state(device_state, x.device)
-            out = _run(ctx.layers, ctx.tensors, x, update=False)
-        got = torch.autograd.grad(out, [x, *ctx.params], grad, allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(p)
-                 for g, p in zip(got, [x, *ctx.params], strict=True)]
-        return (grads[0], None, None, *grads[1:])
-
-
-def recompute_forward(layers, x: torch.Tensor, *, stash=None) -> torch.Tensor:
-    """``layers`` applied to ``x`` in order, recomputed in backward (see the module
-    docstring): Conv2d, BatchNorm2d, MaxPool2d, pointwise layers and dropout."""
-    _check_first(layers)
-    return RecomputeChain.apply(x, layers, stash, *needing_grad(layers))
 
 
 class CheapRecompute(torch.autograd.Function):

@@ -34,7 +34,7 @@ import types
 import torch
 from torch import nn
 
-from .recompute import cheap_forward, recompute_forward
+from .recompute import cheap_forward
 from .split import BATCH, check_splittable, split_forward
 
 __all__ = ["Run", "SplitRun", "Splits", "choices_of", "find_runs"]
@@ -114,8 +114,8 @@ def choices_of(model: nn.Module, splits) -> dict[Run, tuple[int, int]]:
 
 
 class SplitRun(nn.Module):
-    """Runs its layers in ``parts`` parts along ``axis``; with one part, recomputes them
-    in backward; with none, recomputes only their cheap layers (:mod:`.recompute`). Holds
+    """Runs its layers in ``parts`` parts along ``axis``; with none, whole, recomputing
+    only their cheap layers in backward (:mod:`.recompute`). Holds
     them in a plain list, so it adds no parameters and is a leaf to module hooks."""
 
     convolves = True  # the profile counts it as a convolution: it starts a segment
@@ -130,8 +130,6 @@ class SplitRun(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parts == 0:
             return cheap_forward(self.layers, x)
-        if self.parts == 1:  # its input is an ordinary save: the plan may offload it
-            return recompute_forward(self.layers, x)
         return split_forward(self.layers, x, self.parts, self.axis,
                              approximate=self.approximate, stash=self.stash)
 
@@ -157,9 +155,9 @@ def _sequential_forward(children: list[nn.Module], runs: dict[int, tuple[int, Sp
 class Splits:
     """Context manager: the chosen runs of ``model`` execute split while it is entered.
 
-    ``choices`` maps each :class:`Run` to split to ``(parts, axis)``, one part meaning
-    recomputed whole and zero its cheap layers recomputed; runs not in it stay as they
-    are. ``stash``: where split runs keep
+    ``choices`` maps each :class:`Run` to split to ``(parts, axis)``, zero parts meaning
+    not split but its cheap layers recomputed; runs not in it stay as they are.
+    ``stash``: where split runs keep
     their input for backward (:mod:`.stream`); None keeps it on the device."""
 
     def __init__(self, model: nn.Module, choices: dict[Run, tuple[int, int]],

@@ -66,6 +66,10 @@ class HardwareSpec:
     h2d_bandwidth: float  # measured, pinned host to device
     d2h_bandwidth: float  # measured, device to pinned host
     compute_rate: float  # achieved fp32 matrix-product FLOP/s
+    # The roofline (:mod:`vmem.control.simulator`); None: not known, the term is left out.
+    memory_bandwidth: float | None = None  # achieved device-memory bytes/s (read + write)
+    tf32_rate: float | None = None  # achieved FLOP/s of fp32 convolutions run as TF32
+    half_rate: float | None = None  # achieved bf16/fp16 matrix FLOP/s
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -73,9 +77,16 @@ class HardwareSpec:
     def summary(self) -> str:
         link = "unknown link" if self.pcie_generation is None else \
             f"PCIe {self.pcie_generation}.0 x{self.pcie_width}"
+        rates = f"{self.compute_rate / 1e12:.1f} TFLOP/s"
+        if self.tf32_rate or self.half_rate:
+            rates = f"fp32 / tf32 / half {self.compute_rate / 1e12:.1f} / " \
+                f"{(self.tf32_rate or self.compute_rate) / 1e12:.0f} / " \
+                f"{(self.half_rate or self.compute_rate) / 1e12:.0f} TFLOP/s"
+        if self.memory_bandwidth:
+            rates += f", device memory {self.memory_bandwidth / 1e12:.2f} TB/s"
         return (f"{self.name}: {self.total_memory / 2**30:.1f} GiB ({self.free_memory / 2**30:.1f}"
                 f" free), {link}, H2D {self.h2d_bandwidth / 1e9:.1f} GB/s, D2H "
-                f"{self.d2h_bandwidth / 1e9:.1f} GB/s, {self.compute_rate / 1e12:.1f} TFLOP/s")
+                f"{self.d2h_bandwidth / 1e9:.1f} GB/s, {rates}")
 
 
 def detect_hardware(device: torch.device | str | None = None) -> HardwareSpec:
@@ -126,7 +137,7 @@ def _cuda_spec(index: int) -> HardwareSpec:
         nvml = {"pcie_generation": None, "pcie_width": None}
     cache = _cache_path(str(getattr(props, "uuid", index)))
     measured = _load_cached(cache)
-    if measured is None:
+    if measured is None or set(measured) != set(_MEASURED):
         measured = _measure(index, cache)
         torch.cuda.empty_cache()  # leave no cached blocks behind to count against a budget
     return HardwareSpec(name=props.name, emulated=False, total_memory=total, free_memory=free,
@@ -172,18 +183,35 @@ def _load_cached(path: Path) -> dict | None:
         return None
 
 
+_MEASURED = ("h2d_bandwidth", "d2h_bandwidth", "compute_rate", "memory_bandwidth",
+             "tf32_rate", "half_rate")
+
+
 def _measure(index: int, cache: Path) -> dict:
-    """Pinned H2D and D2H bandwidth (256 MiB copies) and fp32 matmul rate, median of 5."""
+    """Pinned H2D and D2H bandwidth (256 MiB copies), device-memory bandwidth (a 256 MiB
+    device copy, bytes read and written), and the fp32, TF32 and bf16 matrix-product
+    rates (4096³), each the median of 5."""
     device = torch.device("cuda", index)
     nbytes = 256 * 2**20
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    other = torch.empty_like(dev)
     h2d = nbytes / _median_seconds(lambda: dev.copy_(host, non_blocking=True), device)
     d2h = nbytes / _median_seconds(lambda: host.copy_(dev, non_blocking=True), device)
+    memory = 2 * nbytes / _median_seconds(lambda: other.copy_(dev), device)
     n = 4096
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     flops = 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), device)
-    measured = {"h2d_bandwidth": h2d, "d2h_bandwidth": d2h, "compute_rate": flops}
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32 = 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    a, b = a.bfloat16(), b.bfloat16()
+    half = 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), device)
+    measured = {"h2d_bandwidth": h2d, "d2h_bandwidth": d2h, "compute_rate": flops,
+                "memory_bandwidth": memory, "tf32_rate": tf32, "half_rate": half}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(measured))

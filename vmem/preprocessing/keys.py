@@ -69,21 +69,26 @@ class SaveKey(NamedTuple):
 class ModuleScope:
     """Tracks which call of which submodule of ``model`` is running, through module hooks.
 
-    The model's own call is opened and closed by the owner (:meth:`step` or
+    ``prepend``: its hooks run before those already registered (a profile's scope must
+    open a module's call before the hooks of the recomputed blocks installed, which save
+    the block's input, as the session's scope, registered first, does). The model's own
+    call is opened and closed by the owner (:meth:`step` or
     :meth:`open_model` / :meth:`close_model`); outside it the hooks do nothing, so a call of
     a submodule from elsewhere (a profile of the model, a recomputation in backward) never
     disturbs the count. :meth:`new_step` starts counting calls from zero again.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, prepend: bool = False) -> None:
         self._calls: Counter[str] = Counter()
         self._stack: list[list] = []  # [name, call, saves so far] of the modules running
         self._handles = []
         for name, module in model.named_modules():
             if module is model or getattr(module, "vmem_internal", False):
                 continue  # vmem's own modules come and go: their saves are their parent's
-            self._handles.append(module.register_forward_pre_hook(self._enter_hook(name)))
-            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+            self._handles.append(module.register_forward_pre_hook(self._enter_hook(name),
+                                                                  prepend=prepend))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True,
+                                                              prepend=prepend))
 
     def _enter_hook(self, name: str):
         def enter(module, args) -> None:

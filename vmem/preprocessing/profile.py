@@ -46,13 +46,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
 
 from ..errors import format_bytes
 from ..meter import DeviceMeter, EmulatedMeter
 from .flops import count_flops
 from .keys import ModuleScope, SaveKey
 
-__all__ = ["LayerProfile", "MemoryTimeline", "NetworkProfile", "SavedStorage",
+__all__ = ["LayerProfile", "MemoryTimeline", "ModuleCall", "NetworkProfile", "SavedStorage",
            "profile_network"]
 
 # What a convolution is, by behaviour: a module of torch's convolution classes (subclasses
@@ -112,6 +113,26 @@ class SavedStorage:
 
 
 @dataclasses.dataclass
+class ModuleCall:
+    """One call of a submodule in the profiled forward: the layers it ran and its inputs.
+
+    What the planner recomputes a block from: the saves made in ``[start, stop)`` by its
+    layers alone are the block's own, those in ``inputs`` stay (the recomputation's
+    input)."""
+
+    name: str  # the module's qualified name
+    call: int  # 0 for its first call in the step, 1 for its second, ...
+    start: int  # index of its first layer
+    stop: int  # one past its last layer
+    inputs: list[int] = dataclasses.field(default_factory=list)  # timeline.saves indices
+    # of the storages passed to it
+    chain: bool = False  # an nn.Sequential running nn.Sequential.forward (its children
+    # a chain: stretches of them can be recomputed)
+    inplace: bool = False  # a module that writes into its input (``inplace=True``): it
+    # cannot be recomputed from that input
+
+
+@dataclasses.dataclass
 class MemoryTimeline:
     """Device memory of one plain training step, operator by operator, and its saves."""
 
@@ -119,6 +140,13 @@ class MemoryTimeline:
     layer: list[int]  # the layer each operator belongs to (-1: none, e.g. the loss)
     backward_from: int  # index of the first backward operator
     saves: list[SavedStorage]  # in the order of their first save
+    # What each operator costs, for the simulator's roofline:
+    flops: list[int] = dataclasses.field(default_factory=list)  # (:mod:`.flops`)
+    moved: list[int] = dataclasses.field(default_factory=list)  # bytes of its tensor
+    # arguments and results (what it reads and writes in device memory; views: none)
+    dense: list[str] = dataclasses.field(default_factory=list)  # the rate it computes at:
+    # "tf32" (an fp32 convolution, TF32 by cuDNN's default), "fp32" (an fp32 matrix
+    # product), "half" (bf16/fp16 convolution or product), "" (not a matrix operator)
 
     def __post_init__(self) -> None:
         self.saves = [s if isinstance(s, SavedStorage) else SavedStorage(**s)
@@ -143,10 +171,13 @@ class NetworkProfile:
     # under saved-tensor hooks not the profile's (inside the model's own checkpoint)
     gradients_held: bool = False  # its step started with the gradients on the device (and
     # its memory counts them throughout)
+    calls: list[ModuleCall] = dataclasses.field(default_factory=list)  # submodule calls,
+    # in the order they started
 
     def __post_init__(self) -> None:
         if isinstance(self.timeline, dict):
             self.timeline = MemoryTimeline(**self.timeline)
+        self.calls = [c if isinstance(c, ModuleCall) else ModuleCall(**c) for c in self.calls]
 
     @property
     def saved_bytes(self) -> int:
@@ -222,6 +253,29 @@ def _describe(tree) -> tuple[list[list[int]], list[str]]:
     return [list(t.shape) for t in tensors], [str(t.dtype).removeprefix("torch.") for t in tensors]
 
 
+def _moved(func, args, kwargs, out) -> int:
+    """Bytes an operator reads and writes: its tensor arguments' and results' (none for a
+    view or a metadata query)."""
+    if func.is_view or func.namespace == "prim":
+        return 0
+    return sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
+               if isinstance(t, torch.Tensor))
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _dense(func, args) -> str:
+    """The rate a matrix operator runs at (see ``MemoryTimeline.dense``); "" for others."""
+    if func._overloadpacket not in flop_registry:
+        return ""
+    first = next((t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)), None)
+    if first is not None and first.dtype in _HALF:
+        return "half"
+    name = func._overloadpacket.__name__
+    return "tf32" if "conv" in name else "fp32"
+
+
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -272,9 +326,17 @@ class _Recorder(TorchDispatchMode):
         self.opened_at = None
         self.memory: list[int] = []  # peak device bytes during each operator
         self.op_layer: list[int] = []
+        self.op_flops: list[int] = []
+        self.op_moved: list[int] = []
+        self.op_dense: list[str] = []
         self.spans: list[tuple] = []  # (layer, in backward, start mark, end mark)
         self.calls_running: ModuleScope | None = None  # which module call saves, while hooked
         self.foreign: set[str] = set()  # modules run under other saved-tensor hooks
+        self.module_calls: list[ModuleCall] = []
+        self.open_calls: list[ModuleCall] = []
+        self.call_counts: Counter[str] = Counter()
+        self.wanted: dict[int, list[ModuleCall]] = {}  # input storage not yet saved -> calls
+        self.save_index: dict[int, int] = {}  # alive saved storage -> its index in save_order
 
     @property
     def now(self) -> int:
@@ -320,17 +382,49 @@ class _Recorder(TorchDispatchMode):
 
     # -- module hooks -----------------------------------------------------------------
     def hook(self, model: nn.Module) -> list:
-        self.calls_running = ModuleScope(model)
+        # Prepended: before the hooks of vmem's recomputed blocks, which save their inputs.
+        self.calls_running = ModuleScope(model, prepend=True)
         handles = [self.calls_running]
         for name, module in model.named_modules():
             leaf = next(module.children(), None) is None
             pre, post = (self._leaf_pre, self._leaf_post) if leaf else (self._push, self._pop)
-            handles.append(module.register_forward_pre_hook(pre(name, module)))
-            handles.append(module.register_forward_hook(post))
+            handles.append(module.register_forward_pre_hook(pre(name, module), prepend=True))
+            handles.append(module.register_forward_hook(post(name), prepend=True))
         return handles
+
+    # Module hooks act in forward only: in backward a recomputation runs modules again.
+    def _open_call(self, name: str, module: nn.Module, args) -> None:
+        if not name:
+            return  # the model's own call
+        call = ModuleCall(name, self.call_counts[name], len(self.layers), len(self.layers),
+                          chain=isinstance(module, nn.Sequential) and
+                          type(module).forward is nn.Sequential.forward,
+                          inplace=getattr(module, "inplace", False) is True)
+        self.call_counts[name] += 1
+        for t in tree_flatten(args)[0]:
+            if isinstance(t, torch.Tensor):
+                key = _storage_key(t)
+                if key in self.save_index:
+                    call.inputs.append(self.save_index[key])
+                else:
+                    self.wanted.setdefault(key, []).append(call)
+        self.module_calls.append(call)
+        self.open_calls.append(call)
+
+    def _close_call(self, name: str) -> None:
+        if not name or not self.open_calls:
+            return
+        call = self.open_calls.pop()
+        call.stop = len(self.layers)
+        for calls in self.wanted.values():
+            if call in calls:
+                calls.remove(call)
 
     def _leaf_pre(self, name: str, module: nn.Module):
         def pre(mod, args):
+            if self.backward:
+                return
+            self._open_call(name, mod, args)
             self._note_foreign(name)
             layer = self.start_layer(name, type(mod).__name__, True, args,
                                      conv=isinstance(mod, nn.modules.conv._ConvNd) or
@@ -343,13 +437,21 @@ class _Recorder(TorchDispatchMode):
             self.in_leaf = True
         return pre
 
-    def _leaf_post(self, mod, args, out) -> None:
-        self.layers[-1].output_shapes, self.layers[-1].output_dtypes = _describe(out)
-        self.in_leaf = False
+    def _leaf_post(self, name: str):
+        def post(mod, args, out) -> None:
+            if self.backward:
+                return
+            self.layers[-1].output_shapes, self.layers[-1].output_dtypes = _describe(out)
+            self.in_leaf = False
+            self._close_call(name)
+        return post
 
     def _push(self, name: str, module: nn.Module):
         def pre(mod, args):
+            if self.backward:
+                return
             self.scope.append(name)
+            self._open_call(name, mod, args)
             self._note_foreign(name)
         return pre
 
@@ -360,8 +462,13 @@ class _Recorder(TorchDispatchMode):
         if top is None or top[0] != self.pack:
             self.foreign.add(name)
 
-    def _pop(self, mod, args, out) -> None:
-        self.scope.pop()
+    def _pop(self, name: str):
+        def post(mod, args, out) -> None:
+            if self.backward:
+                return
+            self.scope.pop()
+            self._close_call(name)
+        return post
 
     # -- saved tensors ----------------------------------------------------------------
     # Note: [Whose save is it]
@@ -381,6 +488,9 @@ class _Recorder(TorchDispatchMode):
                                   t.element_size(),
                                   key=self.calls_running.key(ordinal, storage.nbytes(), t.dtype))
             self.saves[key] = record
+            for call in self.wanted.pop(key, ()):
+                call.inputs.append(len(self.save_order))
+            self.save_index[key] = len(self.save_order)
             self.save_order.append(record)
             weakref.finalize(storage, self._freed, key)
         if self.in_leaf or key in self.last_outputs:
@@ -397,6 +507,7 @@ class _Recorder(TorchDispatchMode):
 
     def _freed(self, key: int) -> None:
         self.saves.pop(key).freed_at = self.now
+        self.save_index.pop(key, None)
 
     def _attribute(self, index: int | None, key: int) -> None:
         record = self.saves[key]
@@ -426,10 +537,13 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.memory.append(self.meter.peak)
         self.op_layer.append(-1 if self.open is None else self.open)
+        flops = count_flops(func, args, kwargs, out)
+        self.op_flops.append(flops)
+        self.op_moved.append(_moved(func, args, kwargs, out))
+        self.op_dense.append(_dense(func, args))
         if self.open is None:
             return out
         layer = self.layers[self.open]
-        flops = count_flops(func, args, kwargs, out)
         if self.backward:
             layer.backward_flops += flops
             layer.backward_peak = max(layer.backward_peak, self.memory[-1])
@@ -466,7 +580,8 @@ class _Recorder(TorchDispatchMode):
         return forward, backward
 
     def timeline(self) -> MemoryTimeline:
-        return MemoryTimeline(self.memory, self.op_layer, self.backward_from, self.save_order)
+        return MemoryTimeline(self.memory, self.op_layer, self.backward_from, self.save_order,
+                              self.op_flops, self.op_moved, self.op_dense)
 
 
 class _Releaser(TorchDispatchMode):
@@ -673,6 +788,7 @@ def profile_network(model: nn.Module, input_shape: Sequence[int] | None = None, 
         timeline=recorder.timeline(),
         foreign=sorted(recorder.foreign),
         gradients_held=gradients_held,
+        calls=recorder.module_calls,
     )
 
 
