@@ -44,7 +44,6 @@ __all__ = ["CannotProfile", "Planned", "plan_model", "TIE"]
 
 TIE = 1e-9  # relative difference in simulated time below which two plans tie
 FAMILIES = 2  # families of blocks (see plan_model) whose sets auto times, lowest peak first
-MARGIN = 0.05  # how much faster, simulated, auto's own set of blocks must be to be taken
 
 log = logging.getLogger("vmem")
 
@@ -203,17 +202,14 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
             try:
                 candidates[name] = attempt()
             except BudgetTooSmall as error:
-                refusals.append(error)
+                # kept without its traceback: its frames hold the caller's tensors
+                refusals.append(error.with_traceback(None))
             except CannotProfile as error:  # the model as is ran: only this candidate fails
                 log.info("vmem: auto leaves out the %s plan: %s", name, error)
         if candidates:  # the fastest; on a tie (to rounding) the first, the least changed
-            def charged(name: str) -> float:  # a set of blocks of auto's own choosing must
-                # be clearly faster: it leaves the safety net less to offload
-                seconds = candidates[name].plan.predicted_seconds
-                return seconds * (1 + MARGIN) if name.endswith("blocks recomputed + auto") \
-                    else seconds
-            best = min(charged(n) for n in candidates)
-            name = next(n for n in candidates if charged(n) <= best * (1 + TIE))
+            best = min(c.plan.predicted_seconds for c in candidates.values())
+            name = next(n for n, c in candidates.items()
+                        if c.plan.predicted_seconds <= best * (1 + TIE))
             log.info("vmem: auto takes the %s plan, %s", name, ", ".join(
                 f"{n} {c[0].predicted_seconds * 1e3:.1f} ms" for n, c in candidates.items()))
             plan, profile = candidates[name]
@@ -225,7 +221,7 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 return Planned(dataclasses.replace(planned.plan, policy="auto"),
                                planned.profile)
             except BudgetTooSmall as error:
-                refusals.append(error)
+                refusals.append(error.with_traceback(None))
         if refusals and (not runs or max_parts < 2):  # the smallest any candidate needs
             raise min(refusals, key=lambda error: error.minimum)
     elif policy == "auto" and order:
