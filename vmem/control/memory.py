@@ -11,7 +11,8 @@ of an fp32 save, which the headroom covers).
 
 A recomputed block (:mod:`.blocks`) frees its own saves the same way, from their release
 until the first operator that unpacks one of them, where the block runs again
-(:meth:`MemoryModel.recompute_at`); they are then no offload candidates.
+(:meth:`MemoryModel.recompute_at`); they are then no offload candidates, and the block's
+inputs are needed from that operator on (the recomputation unpacks them first).
 
 The prefetch of a storage is issued by the first unpack, in backward, of any tracked save of a
 segment no more than ``distance`` segments after the storage's own, which is the rule the
@@ -19,6 +20,8 @@ executor (:mod:`vmem.feedforward.offload`) follows.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -39,14 +42,18 @@ class MemoryModel:
         # Plain memory per operator, with what the profile does not see (optimizer state).
         self.base = torch.tensor(timeline.memory, dtype=torch.int64) + extra_bytes
         self.recomputed = list(recomputed)
-        gone = set()
+        gone, needed = set(), {}  # own saves of recomputed blocks; inputs needed earlier
         for block in self.recomputed:
             self.base += self.freed(profile, block)
             gone.update(block.own)
+            at = self.recompute_at(profile, block)
+            for i in block.inputs:  # the recomputation unpacks its inputs first
+                needed[i] = min(needed.get(i, at), at)
         self.op_segment = torch.tensor([layer_segment[i] if i >= 0 else -1
                                         for i in timeline.layer], dtype=torch.int64)
         # The tracked saves: storages of at least min_bytes, in the order of first save.
-        self.saves = [s for i, s in enumerate(timeline.saves)
+        self.saves = [dataclasses.replace(s, needed_at=min(s.needed_at, needed[i]))
+                      if i in needed else s for i, s in enumerate(timeline.saves)
                       if s.nbytes >= min_bytes and s.layers and i not in gone]
         self.segment = [layer_segment[max(s.layers)] for s in self.saves]  # needed first
         self.segments = max(layer_segment, default=0) + 1
@@ -56,19 +63,31 @@ class MemoryModel:
         self.first_unpack = first_unpack
 
     def recompute_at(self, profile: NetworkProfile, block) -> int:
-        """The operator at which backward recomputes ``block``: its first unpack."""
-        saves = profile.timeline.saves
-        return min(min(saves[i].needed_at for i in block.own), self.steps)
+        """The operator at which backward recomputes ``block``: the first unpack of any
+        save its layers made (the checkpoint holds them all)."""
+        layers = _layers_of(block)
+        return min(min((s.needed_at for s in profile.timeline.saves
+                        if layers.intersection(s.layers)), default=self.steps), self.steps)
 
     def freed(self, profile: NetworkProfile, block) -> torch.Tensor:
-        """The change to the curve (per operator) of recomputing ``block``."""
+        """The change to the curve (per operator) of recomputing ``block``: its own saves
+        gone from their release until the recomputation; the saves it shares with later
+        layers (its output, which the next layer keeps too) made again there, held twice
+        until its backward is over."""
+        saves = profile.timeline.saves
         delta = torch.zeros(self.steps + 1, dtype=torch.int64)
-        end = self.recompute_at(profile, block)
+        start = self.recompute_at(profile, block)
+        end = min(max((saves[i].freed_at for i in block.own), default=start), self.steps)
         for i in block.own:
-            save = profile.timeline.saves[i]
-            if save.released_at < end:
+            save = saves[i]
+            if save.released_at < start:
                 delta[save.released_at] -= save.nbytes
-                delta[end] += save.nbytes
+                delta[start] += save.nbytes
+        layers, own = _layers_of(block), set(block.own) | set(block.inputs)
+        for i, save in enumerate(saves):
+            if i not in own and layers.intersection(save.layers) and start < end:
+                delta[start] += save.nbytes
+                delta[end] -= save.nbytes
         return torch.cumsum(delta, 0)[: self.steps]
 
     def prefetch_at(self, segment: int, distance: int) -> int:
@@ -104,3 +123,7 @@ class MemoryModel:
             mask = self.op_segment == segment
             peaks.append(int(curve[mask].max()) if bool(mask.any()) else 0)
         return peaks
+
+
+def _layers_of(block) -> set[int]:
+    return {i for start, stop in block.spans for i in range(start, stop)}

@@ -1,7 +1,8 @@
 """Split runs: where a model's layers can run split, and running them so during a session.
 
-A *run* is a stretch of consecutive children of an ``nn.Sequential`` that :mod:`.split` can
-split (convolutions, BatchNorm, pointwise layers, max pooling), starting at a convolution
+A *run* is a stretch of consecutive children of an ``nn.Sequential`` (whose class keeps
+``nn.Sequential.forward``: a subclass with its own forward is no chain) that :mod:`.split`
+can split (convolutions, BatchNorm, pointwise layers, max pooling), starting at a convolution
 (never at an in-place layer, which would write into the caller's tensor) and ending after
 each pooling layer, so that a VGG block is one run and its halo stays a few rows.
 :class:`Splits` makes chosen runs execute in parts: it gives each such ``Sequential`` a
@@ -79,8 +80,9 @@ def find_runs(model: nn.Module) -> list[Run]:
     """Every run of ``model``, in module order (see the module docstring)."""
     runs = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
+        if not isinstance(module, nn.Sequential) or \
+                type(module).forward is not nn.Sequential.forward:
+            continue  # a subclass with its own forward is no chain (pytorchcv's Concurrent)
         start = None
         children = list(module)
         for index, layer in enumerate([*children, None]):
