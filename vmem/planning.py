@@ -3,13 +3,14 @@ offload plan fits. The session plans through this; so does ``python -m vmem plan
 
 With the hardware given, ``auto`` is the fastest on the timeline simulator of a few whole
 plans: its own offload plan (the greedy prefix, :mod:`vmem.control.planner`), every fixed
-policy's (``vdnn_conv``, ``vdnn_all``, ``recompute``), recomputation of every run with
-``auto``'s offloads of what remains (offload a run's input, recompute its inside), and the
-same two with only the runs' cheap layers recomputed (BatchNorm and activation outputs,
-the memory-efficient DenseNet idea: no convolution runs twice). Each is
-one profile at most and a simulation of a few milliseconds, and the choice is never slower,
-simulated, than any fixed policy that fits: the guarantee a search over a richer space
-(per-tensor dynamic programming, an ILP) would have to earn its cost against.
+policy's (``vdnn_conv``, ``vdnn_all``, ``recompute``: the blocks whose recomputation
+lowers the peak most, with ``auto``'s offloads of what remains: offload a block's input,
+recompute its inside), the set of blocks (:mod:`vmem.control.blocks`, one greedy order per
+depth of the module tree) whose plan simulates fastest on the profile without them, and
+``auto`` or nothing else with only the runs' cheap layers recomputed (BatchNorm and
+activation outputs, the memory-efficient DenseNet idea: no convolution runs twice). Each
+is one profile at most, and the choice is never slower, simulated, than any fixed policy
+that fits.
 
 It joins the three modules (preprocessing profiles, control decides, and feed-forward's
 split runs are installed while a split model is profiled) without running a training step.
@@ -32,7 +33,7 @@ from .control.plan import OFFLOAD, RecomputeDecision
 from .control.simulator import op_seconds
 from .control.splitting import MAX_PARTS, choose_splits, decisions
 from .errors import BudgetTooSmall, format_bytes
-from .feedforward.blocks import Recomputation
+from .feedforward.blocks import Recomputation, stretch_of
 from .feedforward.recompute import cheap_stretches
 from .feedforward.split_runs import Splits, find_runs
 from .feedforward.stream import ShapeStash
@@ -224,15 +225,12 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 refusals.append(error.with_traceback(None))
         if refusals and (not runs or max_parts < 2):  # the smallest any candidate needs
             raise min(refusals, key=lambda error: error.minimum)
-    elif policy == "auto" and order:
-        try:
-            return Planned(plan_of(unsplit), unsplit)
-        except BudgetTooSmall:
-            with contextlib.suppress(BudgetTooSmall, CannotProfile):
-                return recompute(order)
     try:
         return Planned(plan_of(unsplit), unsplit)
     except BudgetTooSmall:
+        if policy == "auto" and spec is None and order:  # without the hardware: recompute
+            with contextlib.suppress(BudgetTooSmall, CannotProfile):
+                return recompute(order)
         if policy not in ("auto", "split_approx") or not runs or max_parts < 2:
             raise
     log.info("vmem: offloading alone does not fit %s; choosing feature-map splits",
@@ -308,16 +306,11 @@ def recompute_decisions(chosen: list, unsplit: NetworkProfile, plan: Plan
                  if d.action == OFFLOAD and d.key is not None}
     decisions = []
     for block in chosen:
-        layers = {i for start, stop in block.spans for i in range(start, stop)}
-        entry = _child(block.name) if "[" in block.name else block.name  # saves its input
+        stretch = stretch_of(block.name)  # the module whose call saves the block's input
+        entry = block.name if stretch is None else \
+            ".".join(filter(None, (stretch[0], str(stretch[1]))))
         decisions.append(RecomputeDecision(
             block.name, sum(saves[i].nbytes for i in block.own),
-            sum(unsplit.layers[i].forward_flops for i in layers), (entry, 0) in offloaded))
+            sum(unsplit.layers[i].forward_flops for i in block.layers),
+            (entry, 0) in offloaded))
     return decisions
-
-
-def _child(stretch: str) -> str:
-    """The first child's module name of a stretch ``container[start:stop]``."""
-    container, rest = stretch.split("[", 1)
-    start = rest.split(":", 1)[0]
-    return f"{container}.{start}" if container else start

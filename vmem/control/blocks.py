@@ -49,7 +49,12 @@ class Block:
     @property
     def path(self) -> str:
         """The module path, for nesting: a stretch ``c[a:b]`` sits in ``c``."""
-        return self.name.split("[", 1)[0] if "[" in self.name else self.name
+        return _path(self.name)
+
+    @property
+    def layers(self) -> set[int]:
+        """The indices of its layers, over all its calls."""
+        return {i for start, stop in self.spans for i in range(start, stop)}
 
     def contains(self, other: Block) -> bool:
         return any(s <= o_start and o_stop <= e for s, e in self.spans
@@ -103,9 +108,13 @@ def find_blocks(profile: NetworkProfile, *, model_chain: bool = False,
     return sorted(blocks, key=lambda b: (b.spans[0][0], -b.spans[0][1]))
 
 
+def _path(name: str) -> str:
+    return name.split("[", 1)[0]
+
+
 def _inside(name: str, module: str) -> bool:
     """Whether block ``name`` is ``module`` or inside it."""
-    path = name.split("[", 1)[0] if "[" in name else name
+    path = _path(name)
     return path == module or path.startswith(module + ".")
 
 

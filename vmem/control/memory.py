@@ -65,7 +65,7 @@ class MemoryModel:
     def recompute_at(self, profile: NetworkProfile, block) -> int:
         """The operator at which backward recomputes ``block``: the first unpack of any
         save its layers made (the checkpoint holds them all)."""
-        layers = _layers_of(block)
+        layers = block.layers
         return min(min((s.needed_at for s in profile.timeline.saves
                         if layers.intersection(s.layers)), default=self.steps), self.steps)
 
@@ -83,7 +83,7 @@ class MemoryModel:
             if save.released_at < start:
                 delta[save.released_at] -= save.nbytes
                 delta[start] += save.nbytes
-        layers, own = _layers_of(block), set(block.own) | set(block.inputs)
+        layers, own = block.layers, set(block.own) | set(block.inputs)
         for i, save in enumerate(saves):
             if i not in own and layers.intersection(save.layers) and start < end:
                 delta[start] += save.nbytes
@@ -123,7 +123,3 @@ class MemoryModel:
             mask = self.op_segment == segment
             peaks.append(int(curve[mask].max()) if bool(mask.any()) else 0)
         return peaks
-
-
-def _layers_of(block) -> set[int]:
-    return {i for start, stop in block.spans for i in range(start, stop)}

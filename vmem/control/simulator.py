@@ -114,8 +114,7 @@ def op_seconds(profile: NetworkProfile, spec: HardwareSpec) -> list[float]:
 
 def block_seconds(profile: NetworkProfile, block, seconds: list[float]) -> float:
     """The forward time of ``block``'s layers (one run of it again), from ``seconds``."""
-    timeline = profile.timeline
-    layers = {i for start, stop in block.spans for i in range(start, stop)}
+    timeline, layers = profile.timeline, block.layers
     return sum(t for op, t in enumerate(seconds[: timeline.backward_from])
                if timeline.layer[op] in layers)
 

@@ -90,16 +90,17 @@ def resolve_unit(model: nn.Module, name: str) -> list[nn.Module]:
             f"{type(model).__name__} ({error}); install a plan made for this model") from None
 
 
+# The region's parameters before its *args, whatever this torch's signature adds.
+_HEAD = [p for p in inspect.signature(_region).parameters.values()
+         if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+
 def _open_region(fn, context_fn, args, kwargs):
     """``torch.utils.checkpoint``'s non-reentrant region over a call of ``fn``, opened
     (its generator, advanced to the forward); the arguments bound by name so that the
-    positional ones after them reach ``args`` whatever this torch's signature adds."""
+    positional ones after them reach ``args``."""
     values = {"fn": fn, "preserve_rng_state": True, "context_fn": context_fn}
-    head = []
-    for parameter in inspect.signature(_region).parameters.values():
-        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
-            break
-        head.append(values.get(parameter.name, parameter.default))
+    head = [values.get(p.name, p.default) for p in _HEAD]
     region = _region(*head, *args, **kwargs)
     next(region)
     return region
