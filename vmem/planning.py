@@ -203,8 +203,7 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
             try:
                 candidates[name] = attempt()
             except BudgetTooSmall as error:
-                # kept without its traceback: its frames hold the caller's tensors
-                refusals.append(error.with_traceback(None))
+                refusals.append(_without_frames(error))
             except CannotProfile as error:  # the model as is ran: only this candidate fails
                 log.info("vmem: auto leaves out the %s plan: %s", name, error)
         if candidates:  # the fastest; on a tie (to rounding) the first, the least changed
@@ -222,7 +221,7 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
                 return Planned(dataclasses.replace(planned.plan, policy="auto"),
                                planned.profile)
             except BudgetTooSmall as error:
-                refusals.append(error.with_traceback(None))
+                refusals.append(_without_frames(error))
         if refusals and (not runs or max_parts < 2):  # the smallest any candidate needs
             raise min(refusals, key=lambda error: error.minimum)
     try:
@@ -239,6 +238,13 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     batch = 0 if approximate or first is None or not first.dim() else first.shape[0]
     plan, _, profile = choose_splits(runs, profile_of, plan_of, unsplit, batch, max_parts)
     return Planned(dataclasses.replace(plan, approximate=approximate), profile)
+
+
+def _without_frames(error: BudgetTooSmall) -> BudgetTooSmall:
+    """``error`` kept for later without its traceback nor the exceptions it was raised
+    while handling: their frames reach up to the training loop's and hold its tensors."""
+    error.__context__ = error.__cause__ = None
+    return error.with_traceback(None)
 
 
 def _depth(block) -> int:
