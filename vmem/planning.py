@@ -45,6 +45,7 @@ __all__ = ["CannotProfile", "Planned", "plan_model", "TIE"]
 
 TIE = 1e-9  # relative difference in simulated time below which two plans tie
 FAMILIES = 2  # families of blocks (see plan_model) whose sets auto times, lowest peak first
+TRIES = 3  # sets of blocks profiled, when none fits, for the one that needs least
 
 log = logging.getLogger("vmem")
 
@@ -145,7 +146,9 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
     families = [recompute_order(unsplit, family, seconds) for family in
                 [blocks, *([b for b in blocks if _depth(b) == d] for d in depths)]]
     families = sorted((sets for sets in families if sets),
-                      key=lambda sets: bare_peak(sets[-1]))[:FAMILIES]
+                      key=lambda sets: bare_peak(sets[-1]))
+    every_set = {tuple(b.name for b in blocks): blocks for sets in families for blocks in sets}
+    families = families[:FAMILIES]
     sets = families[0] if families else []
     order = sets[-1] if sets else []  # the lowest peak recomputation reaches
 
@@ -174,7 +177,24 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
         try:
             return recompute(order)
         except BudgetTooSmall as error:
-            return recompute(_lowest_set(sets, error, virtual))
+            return least_needing(_without_frames(error))
+
+    def least_needing(refusal: BudgetTooSmall) -> Planned:
+        """The set of blocks whose plan needs the least budget: of every family's sets,
+        the ``TRIES`` whose plans on the model without them need least, each profiled
+        with them; raises the smallest refusal when none fits."""
+        ranked = []
+        for blocks in every_set.values():
+            try:
+                ranked.append((0, virtual(blocks).predicted_seconds, blocks))
+            except BudgetTooSmall as error:
+                ranked.append((error.minimum, 0.0, blocks))
+        for _, _, blocks in sorted(ranked, key=lambda entry: entry[:2])[:TRIES]:
+            try:
+                return recompute(blocks)
+            except BudgetTooSmall as error:
+                refusal = min(refusal, _without_frames(error), key=lambda e: e.minimum)
+        raise refusal
 
     if policy == "recompute":
         if not order:
@@ -216,8 +236,7 @@ def plan_model(model: nn.Module, args: tuple, kwargs: dict | None = None, *,
             return Planned(dataclasses.replace(plan, policy="auto"), profile)
         if refusals and sets:  # the set of blocks whose plan needs least, verified
             try:
-                planned = recompute(_lowest_set(
-                    sets, min(refusals, key=lambda error: error.minimum), virtual))
+                planned = least_needing(min(refusals, key=lambda error: error.minimum))
                 return Planned(dataclasses.replace(planned.plan, policy="auto"),
                                planned.profile)
             except BudgetTooSmall as error:
@@ -285,22 +304,6 @@ def _fastest_set(sets: list, plan_with, points: int = 9) -> tuple[list, float]:
                 time(k)
         best = min(timed, key=lambda k: (timed[k], k))
     return ([] if timed[best] == float("inf") or not best else sets[best - 1]), timed[best]
-
-
-def _lowest_set(sets: list, refusal: BudgetTooSmall, plan_with) -> list:
-    """The set among ``sets`` whose plan on the model without them (``plan_with``) needs
-    the smallest budget; raises ``refusal`` if none needs less than it names."""
-    minimums = []
-    for blocks in sets:
-        try:
-            plan_with(blocks)
-            return blocks  # it fits: nothing needs less
-        except BudgetTooSmall as error:
-            minimums.append((error.minimum, blocks))
-    minimum, blocks = min(minimums, key=lambda entry: entry[0])
-    if minimum >= refusal.minimum:
-        raise refusal
-    return blocks
 
 
 def recompute_decisions(chosen: list, unsplit: NetworkProfile, plan: Plan
